@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine: `make test` (and, with the training issue, `make demo`).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The tested torch first: a CPU build lies on this disk; other versions download gigabytes.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pip install -q titans-pytorch
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/bench_memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

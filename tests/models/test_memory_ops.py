@@ -1,0 +1,166 @@
+"""The chunked dual form against the token-by-token reference, in fp64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titans_pretrain.models.memory_ops import (
+    MemoryState,
+    init_state,
+    memory_chunked,
+    memory_read,
+    memory_recurrent,
+    surprise_gradients,
+)
+
+RTOL = 1e-10
+
+
+def _inputs(B, H, T, D, depth, expansion=2, seed=0, dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(requires_grad)
+
+    q, k, v = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D)
+    theta = (0.2 * torch.rand(B, H, T, generator=g, dtype=dtype)).requires_grad_(requires_grad)
+    eta = (0.5 + 0.5 * torch.rand(B, H, T, generator=g, dtype=dtype)).requires_grad_(requires_grad)
+    alpha = (0.2 * torch.rand(B, H, T, generator=g, dtype=dtype)).requires_grad_(requires_grad)
+    dims = [D] + [expansion * D] * (depth - 1) + [D]
+    weights = tuple(rnd(B, H, dims[i], dims[i + 1], scale=dims[i] ** -0.5) for i in range(depth))
+    momentum = tuple(rnd(B, H, dims[i], dims[i + 1], scale=0.1 * dims[i] ** -0.5) for i in range(depth))
+    return (q, k, v, theta, eta, alpha), MemoryState(weights, momentum)
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # B, H, T, D, depth, chunk, activation
+    (2, 3, 13, 4, 1, 4, "gelu"),
+    (1, 2, 16, 5, 2, 4, "silu"),
+    (2, 2, 11, 3, 2, 1, "gelu"),   # chunk 1: the exact per-token recurrence
+    (1, 1, 9, 4, 3, 4, "gelu"),    # depth 3, chunks that do not divide T
+    (2, 1, 7, 4, 2, 16, "silu"),   # one chunk longer than T
+    (1, 2, 12, 4, 2, 3, "gelu"),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,depth,chunk,act", CASES)
+def test_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, chunk, act):
+    tensors, state = _inputs(B, H, T, D, depth, seed=T * 7 + depth, requires_grad=True)
+    leaves = list(tensors) + list(state.weights) + list(state.momentum)
+    g = torch.Generator().manual_seed(1)
+    probe_y = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    probes = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in state.weights + state.momentum]
+
+    results = []
+    for fn in (memory_recurrent, memory_chunked):
+        y, final = fn(*tensors, state, chunk_size=chunk, activation=act)
+        loss = (y * probe_y).sum() + sum((t * p).sum() for t, p in zip(final.weights + final.momentum, probes))
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((y, final, grads))
+    (y_r, s_r, g_r), (y_c, s_c, g_c) = results
+    assert _rel_err(y_c, y_r) < RTOL
+    for a, b in zip(s_c.weights + s_c.momentum, s_r.weights + s_r.momentum):
+        assert _rel_err(a, b) < RTOL
+    names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(depth)] + [f"S{i}" for i in range(depth)]
+    for name, a, b in zip(names, g_c, g_r):
+        assert _rel_err(a, b) < RTOL, name
+
+
+def test_surprise_is_the_autograd_gradient_of_the_inner_loss():
+    (q, k, v, *_), state = _inputs(1, 2, 5, 4, 3, seed=3)
+    weights = [w.clone().requires_grad_(True) for w in state.weights]
+    loss = ((memory_read(k, weights) - v) ** 2).sum()
+    auto = torch.autograd.grad(loss, weights)
+    inputs, deltas = surprise_gradients(k, v, weights)
+    for a, d, ref in zip(inputs, deltas, auto):
+        assert _rel_err(a.transpose(-1, -2) @ d, ref) < 1e-12
+
+
+def test_chunk_one_is_the_plain_recurrence_written_out():
+    """With b = 1 every gradient is taken at the latest weights: the exact recurrence of Eqs. 13-15."""
+    (q, k, v, theta, eta, alpha), state = _inputs(1, 1, 6, 3, 1, seed=5)
+    W, S = state.weights[0][0, 0].clone(), state.momentum[0][0, 0].clone()
+    ys = []
+    for t in range(6):
+        kt, vt = k[0, 0, t], v[0, 0, t]
+        u = 2.0 * torch.outer(kt, kt @ W - vt)
+        S = eta[0, 0, t] * S - theta[0, 0, t] * u
+        W = (1 - alpha[0, 0, t]) * W + S
+        ys.append(q[0, 0, t] @ W)
+    y, final = memory_chunked(q, k, v, theta, eta, alpha, state, chunk_size=1)
+    assert _rel_err(y[0, 0], torch.stack(ys)) < RTOL
+    assert _rel_err(final.weights[0][0, 0], W) < RTOL
+
+
+def test_chunk_start_rule_differs_from_per_token_rule():
+    """Chunking is a different (cheaper) rule, not the same numbers: guards against silent fallbacks."""
+    tensors, state = _inputs(1, 1, 8, 4, 2, seed=9)
+    y1, _ = memory_chunked(*tensors, state, chunk_size=1)
+    y4, _ = memory_chunked(*tensors, state, chunk_size=4)
+    assert _rel_err(y4, y1) > 1e-6
+
+
+def test_memory_is_per_sequence_and_causal():
+    tensors, state = _inputs(2, 1, 10, 4, 2, seed=11)
+    y, _ = memory_chunked(*tensors, state, chunk_size=4)
+    # changing sequence 1 leaves sequence 0 untouched
+    q, k, v, th, et, al = (t.clone() for t in tensors)
+    k[1] += 1.0
+    v[1] -= 1.0
+    y2, _ = memory_chunked(q, k, v, th, et, al, state, chunk_size=4)
+    assert torch.equal(y2[0], y[0]) and not torch.allclose(y2[1], y[1])
+    # changing token 6 (inside the second chunk) leaves outputs 0..5 unchanged, changes 6
+    q, k, v, th, et, al = (t.clone() for t in tensors)
+    k[:, :, 6] += 1.0
+    y3, _ = memory_chunked(q, k, v, th, et, al, state, chunk_size=4)
+    assert torch.allclose(y3[:, :, :6], y[:, :, :6], rtol=0, atol=1e-14)
+    assert not torch.allclose(y3[:, :, 6], y[:, :, 6])
+
+
+def test_state_passing_equals_one_call_on_chunk_boundaries():
+    tensors, state = _inputs(1, 2, 12, 4, 2, seed=13)
+    y, final = memory_chunked(*tensors, state, chunk_size=4)
+    first = [t[:, :, :8] for t in tensors]
+    second = [t[:, :, 8:] for t in tensors]
+    ya, mid = memory_chunked(*first, state, chunk_size=4)
+    yb, end = memory_chunked(*second, mid, chunk_size=4)
+    assert _rel_err(torch.cat([ya, yb], dim=2), y) < RTOL
+    for a, b in zip(end.weights + end.momentum, final.weights + final.momentum):
+        assert _rel_err(a, b) < RTOL
+
+
+def test_low_precision_inputs_keep_fp32_state_and_extreme_gates_stay_finite():
+    tensors, state = _inputs(1, 2, 300, 4, 2, seed=17, dtype=torch.float32)
+    q, k, v, theta, eta, alpha = tensors
+    eta = torch.full_like(eta, 1e-6)          # products of 64 of these underflow in linear space
+    alpha = torch.full_like(alpha, 1 - 1e-6)
+    y, final = memory_chunked(q.bfloat16(), k.bfloat16(), v.bfloat16(), theta, eta, alpha, state, chunk_size=64)
+    assert y.dtype == torch.bfloat16
+    assert all(w.dtype == torch.float32 for w in final.weights + final.momentum)
+    assert torch.isfinite(y.float()).all() and all(torch.isfinite(w).all() for w in final.weights)
+
+
+def test_init_state_broadcasts_and_backpropagates_to_m0():
+    m0 = [torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 8, 4, dtype=torch.float64, requires_grad=True)]
+    state = init_state(m0, batch_size=3)
+    assert state.weights[0].shape == (3, 2, 4, 8) and float(state.momentum[1].abs().sum()) == 0.0
+    tensors, _ = _inputs(3, 2, 5, 4, 2, seed=19)
+    y, _ = memory_chunked(*tensors, state, chunk_size=2)
+    y.sum().backward()
+    assert m0[0].grad is not None and m0[0].grad.abs().sum() > 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    tensors, state = _inputs(1, 1, 4, 4, 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        memory_chunked(*tensors, state, chunk_size=0)
+    with pytest.raises(ValueError, match="activation"):
+        memory_chunked(*tensors, state, chunk_size=2, activation="relu")
+    q, k, v, th, et, al = tensors
+    with pytest.raises(ValueError, match="theta"):
+        memory_chunked(q, k, v, th[..., :3], et, al, state, chunk_size=2)
