@@ -22,7 +22,6 @@ so that long runs of ``eta`` and ``1 - alpha`` neither under- nor overflow.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -71,24 +70,24 @@ def _gelu(z: Tensor) -> Tensor:
     return torch.nn.functional.gelu(z)
 
 
-def _gelu_grad(z: Tensor) -> Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
+def _gelu_backprop(grad: Tensor, z: Tensor) -> Tensor:
+    # One fused op that autograd can differentiate again (its double backward is built in).
+    return torch.ops.aten.gelu_backward(grad, z)
 
 
 def _silu(z: Tensor) -> Tensor:
     return torch.nn.functional.silu(z)
 
 
-def _silu_grad(z: Tensor) -> Tensor:
+def _silu_backprop(grad: Tensor, z: Tensor) -> Tensor:
     s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
+    return grad * (s * (1.0 + z * (1.0 - s)))
 
 
-_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "gelu": (_gelu, _gelu_grad),
-    "silu": (_silu, _silu_grad),
+# name -> (activation, backprop(grad_out, pre_activation) = grad_out * activation'(pre_activation))
+_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
+    "gelu": (_gelu, _gelu_backprop),
+    "silu": (_silu, _silu_backprop),
 }
 
 
@@ -123,7 +122,7 @@ def surprise_gradients(
     of layer ``i``'s weights is the outer product ``a_t^T delta_t``. No autograd inside autograd: the
     outer autograd differentiates through these ordinary tensor operations.
     """
-    act, act_grad = _activation(activation)
+    act, backprop = _activation(activation)
     inputs, pre_acts = [], []
     h = k
     for w in weights[:-1]:
@@ -135,7 +134,7 @@ def surprise_gradients(
     delta = 2.0 * (h @ weights[-1] - v)
     deltas = [delta]
     for i in range(len(weights) - 2, -1, -1):
-        delta = (delta @ weights[i + 1].transpose(-1, -2)) * act_grad(pre_acts[i])
+        delta = backprop(delta @ weights[i + 1].transpose(-1, -2), pre_acts[i])
         deltas.append(delta)
     deltas.reverse()
     return inputs, deltas
@@ -238,11 +237,14 @@ def memory_chunked(
     weights of its chunk start (chunks of ``chunk_size`` from ``t = 0``; the last may be shorter),
     ``y_t = M_t(q_t)`` reads the memory after token ``t``'s own update, and the returned state is the
     one after the last token. ``y`` has ``q``'s dtype; all state arithmetic is fp32 (fp64 for fp64).
+
+    The chunk loop has a hand-written backward (:class:`_DualForm`): one pass back over the chunks
+    with the activations saved in forward, no autograd graph of thousands of small nodes. The gate
+    coefficients are built outside it, so autograd carries their gradients back to the gates.
     """
     _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size)
-    act, _ = _activation(activation)
+    _activation(activation)
     dtype = _state_dtype(q.dtype)
-    out_dtype = q.dtype
     B, H, T, _ = q.shape
     if T == 0:
         return q.new_zeros(q.shape), state
@@ -256,37 +258,174 @@ def memory_chunked(
             x = torch.nn.functional.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad), value=fill)
         return x.unflatten(2, (n_chunks, b))
 
-    # Padding sits after the last real token: causal coefficients keep it out of every real row.
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    # Padding sits after the last real token, with theta = 0: causal coefficients keep it out of
+    # every real row, and the chunk-end state is read at the last real row.
     beta, f, m, G, N = _gate_coefficients(chunks(theta), chunks(eta, 1.0), chunks(alpha))
+    last = torch.full((n_chunks,), b - 1, device=q.device)
+    last[-1] = (T - 1) % b
+    ar = torch.arange(n_chunks, device=q.device)
+    g_end, n_end = G[:, :, ar, last], N[:, :, ar, last]                  # (B, H, n, b)
+    beta_end, f_end, m_end = beta[:, :, ar, last], f[:, :, ar, last], m[:, :, ar, last]  # (B, H, n)
 
     weights = [w.to(dtype) for w in state.weights]
     momentum = [s.to(dtype) for s in state.momentum]
-    outputs = []
-    for c in range(n_chunks):
-        last = b - 1 if c < n_chunks - 1 else (T - 1) % b
-        beta_c, f_c = beta[:, :, c, :, None], f[:, :, c, :, None]
-        G_c = G[:, :, c]
-        inputs, deltas = surprise_gradients(kc[:, :, c], vc[:, :, c], weights, activation=activation)
+    depth = len(weights)
+    out = _DualForm.apply(activation, depth, chunks(q), chunks(k), chunks(v), beta, f, G,
+                          beta_end, f_end, m_end, g_end, n_end, *weights, *momentum)
+    y = out[0].flatten(2, 3)[:, :, :T].to(q.dtype)
+    return y, MemoryState(tuple(out[1 : 1 + depth]), tuple(out[1 + depth :]))
 
-        # Read: layer by layer, a'_t M_t = beta_t a'_t W0 + f_t a'_t S0 - sum_s G_ts (a'_t . a_s) delta_s.
-        h = qc[:, :, c]
-        for i, (a, d) in enumerate(zip(inputs, deltas)):
-            z = beta_c * (h @ weights[i]) + f_c * (h @ momentum[i]) - (G_c * (h @ a.transpose(-1, -2))) @ d
-            h = act(z) if i < len(weights) - 1 else z
-        outputs.append(h)
 
-        # Chunk end (row `last`): M = beta W0 + f S0 - A^T diag(G_last) D, S = m S0 - A^T diag(N_last) D.
-        g_last = G_c[:, :, last, :, None]
-        n_last = N[:, :, c, last, :, None]
-        beta_e = beta[:, :, c, last, None, None]
-        f_e = f[:, :, c, last, None, None]
-        m_e = m[:, :, c, last, None, None]
-        for i, (a, d) in enumerate(zip(inputs, deltas)):
-            at = a.transpose(-1, -2)
-            new_w = beta_e * weights[i] + f_e * momentum[i] - at @ (g_last * d)
-            momentum[i] = m_e * momentum[i] - at @ (n_last * d)
-            weights[i] = new_w
+def _second_derivative(activation: str, z: Tensor) -> Tensor:
+    if activation == "gelu":
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / (2.0 * torch.pi) ** 0.5)
+        return pdf * (2.0 - z * z)
+    s = torch.sigmoid(z)
+    return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
 
-    y = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :T]
-    return y.to(out_dtype), MemoryState(tuple(weights), tuple(momentum))
+
+class _DualForm(torch.autograd.Function):
+    """The sequential chunk loop of the dual form, with its backward written out.
+
+    Per chunk (layers ``i``; ``a_0 = K``, ``h_0 = Q``; rows are tokens)::
+
+        key path   z_i = a_i W_i,  a_{i+1} = act(z_i),  d_last = 2 (z_last - V),
+                   d_i = act'(z_i) * e_i  with  e_i = d_{i+1} W_{i+1}^T
+        read       P_i = h_i a_i^T,  x_i = beta (h_i W_i) + f (h_i S_i) - (G * P_i) d_i,  h_{i+1} = act(x_i)
+        chunk end  W_i' = be W_i + fe S_i - a_i^T (ge d_i),  S_i' = me S_i - a_i^T (ne d_i)
+
+    Backward walks the chunks in reverse with the saved activations (no recomputation) and returns
+    the gradients of q, k, v, the coefficient tensors and the initial state.
+    """
+
+    @staticmethod
+    def forward(ctx, activation, depth, q, k, v, beta, f, G, be, fe, me, ge, ne, *state):
+        act, backprop = _ACTIVATIONS[activation]
+        weights, momentum = list(state[:depth]), list(state[depth:])
+        n_chunks = q.shape[2]
+        save = any(ctx.needs_input_grad)
+        saved, outputs = [], []
+        for c in range(n_chunks):
+            a, z, d, e, h, x, P = [k[:, :, c]], [], [], [], [q[:, :, c]], [], []
+            for i in range(depth):
+                z.append(a[i] @ weights[i])
+                if i < depth - 1:
+                    a.append(act(z[i]))
+            d_next = 2.0 * (z[-1] - v[:, :, c])
+            d = [d_next]
+            for i in range(depth - 2, -1, -1):
+                e.insert(0, d_next @ weights[i + 1].transpose(-1, -2))
+                d_next = backprop(e[0], z[i])
+                d.insert(0, d_next)
+            beta_c, f_c, G_c = beta[:, :, c, :, None], f[:, :, c, :, None], G[:, :, c]
+            for i in range(depth):
+                P.append(h[i] @ a[i].transpose(-1, -2))
+                xi = beta_c * (h[i] @ weights[i]) + f_c * (h[i] @ momentum[i]) - (G_c * P[i]) @ d[i]
+                if i < depth - 1:
+                    x.append(xi)
+                    h.append(act(xi))
+            outputs.append(xi)
+            if save:
+                saved.append((list(weights), list(momentum), a, z, d, e, h, x, P))
+            be_c, fe_c, me_c = (t[:, :, c, None, None] for t in (be, fe, me))
+            ge_c, ne_c = ge[:, :, c, :, None], ne[:, :, c, :, None]
+            for i in range(depth):
+                at = a[i].transpose(-1, -2)
+                new_w = be_c * weights[i] + fe_c * momentum[i] - at @ (ge_c * d[i])
+                momentum[i] = me_c * momentum[i] - at @ (ne_c * d[i])
+                weights[i] = new_w
+        ctx.activation, ctx.depth, ctx.saved = activation, depth, saved
+        if save:
+            ctx.save_for_backward(beta, f, G, be, fe, me, ge, ne)
+        return (torch.stack(outputs, dim=2), *weights, *momentum)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, *dstate):
+        activation, depth, saved = ctx.activation, ctx.depth, ctx.saved
+        _, backprop = _ACTIVATIONS[activation]
+        beta, f, G, be, fe, me, ge, ne = ctx.saved_tensors
+        n_chunks = len(saved)
+        first_w, first_s = saved[0][0], saved[0][1]
+        dW = [g if g is not None else torch.zeros_like(w) for g, w in zip(dstate[:depth], first_w)]
+        dS = [g if g is not None else torch.zeros_like(s) for g, s in zip(dstate[depth:], first_s)]
+        if dy is None:
+            dy = beta.new_zeros(*beta.shape, first_w[-1].shape[-1])
+        dq, dk, dv = [], [], []
+        dbeta, df, dG = torch.zeros_like(beta), torch.zeros_like(f), torch.zeros_like(G)
+        dbe, dfe, dme = torch.zeros_like(be), torch.zeros_like(fe), torch.zeros_like(me)
+        dge, dne = torch.zeros_like(ge), torch.zeros_like(ne)
+        tr = lambda t: t.transpose(-1, -2)  # noqa: E731
+
+        for c in range(n_chunks - 1, -1, -1):
+            W, S, a, z, d, e, h, x, P = saved[c]
+            saved[c] = None  # free as we go
+            be_c, fe_c, me_c = (t[:, :, c, None, None] for t in (be, fe, me))
+            ge_c, ne_c = ge[:, :, c, :, None], ne[:, :, c, :, None]
+            beta_c, f_c, G_c = beta[:, :, c, :, None], f[:, :, c, :, None], G[:, :, c]
+
+            # Chunk end: W' = be W + fe S - a^T (ge d),  S' = me S - a^T (ne d).
+            dA, dD, dW_prev, dS_prev = [], [], [], []
+            dbe[:, :, c] = sum((dW[i] * W[i]).sum((-1, -2)) for i in range(depth))
+            dfe[:, :, c] = sum((dW[i] * S[i]).sum((-1, -2)) for i in range(depth))
+            dme[:, :, c] = sum((dS[i] * S[i]).sum((-1, -2)) for i in range(depth))
+            dge_c, dne_c = 0.0, 0.0
+            for i in range(depth):
+                d_out = W[i].shape[-1]
+                dWS = torch.cat((dW[i], dS[i]), dim=-1)                       # (d_in, 2 d_out)
+                dU = -(a[i] @ dWS)                                             # (b, 2 d_out)
+                dge_c = dge_c + (dU[..., :d_out] * d[i]).sum(-1)
+                dne_c = dne_c + (dU[..., d_out:] * d[i]).sum(-1)
+                dD.append(ge_c * dU[..., :d_out] + ne_c * dU[..., d_out:])
+                dA.append(-(torch.cat((ge_c * d[i], ne_c * d[i]), dim=-1) @ tr(dWS)))
+                dW_prev.append(be_c * dW[i])
+                dS_prev.append(fe_c * dW[i] + me_c * dS[i])
+            dge[:, :, c], dne[:, :, c] = dge_c, dne_c
+
+            # Read, last layer first: x_i = beta (h W) + f (h S) - (G * P) d,  P = h a^T.
+            dh = dy[:, :, c]
+            dbeta_c, df_c, dG_c = 0.0, 0.0, 0.0
+            for i in range(depth - 1, -1, -1):
+                dx = dh if i == depth - 1 else backprop(dh, x[i])
+                WS = torch.cat((W[i], S[i]), dim=-2)                            # (2 d_in, d_out)
+                dhWS = dx @ tr(WS)                                             # (b, 2 d_in)
+                d_in = W[i].shape[-2]
+                dhW, dhS = dhWS[..., :d_in], dhWS[..., d_in:]
+                dbeta_c = dbeta_c + (dhW * h[i]).sum(-1)
+                df_c = df_c + (dhS * h[i]).sum(-1)
+                dWS_read = tr(h[i]) @ torch.cat((beta_c * dx, f_c * dx), dim=-1)  # (d_in, 2 d_out)
+                d_out = W[i].shape[-1]
+                dW_prev[i] = dW_prev[i] + dWS_read[..., :d_out]
+                dS_prev[i] = dS_prev[i] + dWS_read[..., d_out:]
+                R = G_c * P[i]
+                dR = -(dx @ tr(d[i]))                                          # (b, b)
+                dD[i] = dD[i] - tr(R) @ dx
+                dG_c = dG_c + dR * P[i]
+                dP = dR * G_c
+                dh = beta_c * dhW + f_c * dhS + dP @ a[i]
+                dA[i] = dA[i] + tr(dP) @ h[i]
+            dbeta[:, :, c], df[:, :, c], dG[:, :, c] = dbeta_c, df_c, dG_c
+            dq.append(dh)
+
+            # Key path, the delta chain first (d_i = act'(z_i) * e_i, e_i = d_{i+1} W_{i+1}^T) ...
+            dz = [None] * depth
+            for i in range(depth - 1):
+                de = backprop(dD[i], z[i])
+                dz[i] = dD[i] * e[i] * _second_derivative(activation, z[i])
+                dD[i + 1] = dD[i + 1] + de @ W[i + 1]
+                dW_prev[i + 1] = dW_prev[i + 1] + tr(de) @ d[i + 1]
+            dz[-1] = 2.0 * dD[-1] if dz[-1] is None else dz[-1] + 2.0 * dD[-1]
+            dv.append(-2.0 * dD[-1])
+            # ... then the forward chain z_i = a_i W_i, a_{i+1} = act(z_i), in reverse.
+            for i in range(depth - 1, -1, -1):
+                dA[i] = dA[i] + dz[i] @ tr(W[i])
+                dW_prev[i] = dW_prev[i] + tr(a[i]) @ dz[i]
+                if i > 0:
+                    dz[i - 1] = dz[i - 1] + backprop(dA[i], z[i - 1])
+            dk.append(dA[0])
+            dW, dS = dW_prev, dS_prev
+
+        ctx.saved = None
+        stack = lambda xs: torch.stack(xs[::-1], dim=2)  # noqa: E731
+        return (None, None, stack(dq), stack(dk), stack(dv), dbeta, df, dG, dbe, dfe, dme, dge, dne,
+                *dW, *dS)
