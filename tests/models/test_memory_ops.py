@@ -164,3 +164,13 @@ def test_bad_inputs_raise_clear_errors():
     q, k, v, th, et, al = tensors
     with pytest.raises(ValueError, match="theta"):
         memory_chunked(q, k, v, th[..., :3], et, al, state, chunk_size=2)
+
+
+def test_state_math_ignores_an_outer_bf16_autocast():
+    tensors, state = _inputs(1, 2, 10, 8, 2, seed=23, dtype=torch.float32)
+    y_ref, s_ref = memory_chunked(*tensors, state, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = memory_chunked(*tensors, state, chunk_size=4)
+        r = memory_read(tensors[0], s.weights)
+    assert y.dtype == torch.float32 and r.dtype == torch.float32
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(s.weights, s_ref.weights))

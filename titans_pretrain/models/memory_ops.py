@@ -22,6 +22,7 @@ so that long runs of ``eta`` and ``1 - alpha`` neither under- nor overflow.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -35,6 +36,16 @@ __all__ = [
     "memory_read",
     "surprise_gradients",
 ]
+
+def _no_autocast(fn):
+    """State arithmetic stays fp32 under an outer bf16 autocast (the inputs are cast explicitly)."""
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return wrapper
+
 
 # Gates are probabilities; log(0) would turn the log-space products into NaNs (inf - inf).
 _LOG_FLOOR = 1e-30
@@ -103,6 +114,7 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------ shared pieces
+@_no_autocast
 def memory_read(q: Tensor, weights: Sequence[Tensor], *, activation: str = "gelu") -> Tensor:
     """``M(q)`` with fixed weights (no update): ``q`` is ``(B, H, T, D)``, result in ``q.dtype``."""
     act, _ = _activation(activation)
@@ -154,6 +166,7 @@ def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size):
 
 
 # ----------------------------------------------------------------------------------------- reference
+@_no_autocast
 def memory_recurrent(
     q: Tensor,
     k: Tensor,
@@ -218,6 +231,7 @@ def _gate_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor):
     return torch.exp(log_beta), f, m, g, n
 
 
+@_no_autocast
 def memory_chunked(
     q: Tensor,
     k: Tensor,
