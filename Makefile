@@ -25,3 +25,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The main job: prepare the embedded corpus, train configs/demo.yaml on 2 local processes
+# (one per GPU when GPUs are present), checkpoint, sample, print the run folder.
+demo: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m titans_pretrain train configs/demo.yaml \
+		--nproc $$($(PY) -c "import torch; print(torch.cuda.device_count() or 2)") $(DEMO_ARGS)

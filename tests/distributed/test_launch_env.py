@@ -1,0 +1,57 @@
+"""How `train` finds its process group: torchrun env, Slurm env, or a lone process."""
+import os
+
+from titans_pretrain.distributed import mesh
+from titans_pretrain.train.train_cli import _split_nproc
+
+
+def test_slurm_env_maps_to_torch_env(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.7")
+    mesh._env_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+    assert os.environ["MASTER_PORT"] == str(20000 + 12345 % 20000)
+
+
+def test_torchrun_env_wins_over_slurm(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    mesh._env_from_slurm()
+    assert os.environ["RANK"] == "0"
+
+
+def test_nproc_may_follow_the_overrides():
+    class Args:
+        nproc = None
+        overrides = ["train.steps=3", "--nproc", "2", "run_dir=x"]
+    _split_nproc(Args)
+    assert Args.nproc == 2 and Args.overrides == ["train.steps=3", "run_dir=x"]
+
+
+def test_train_under_torchrun(tmp_path):
+    """The launcher's environment alone is enough: no --nproc, two ranks, one run folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from titans_pretrain.data.prepare import prepare_dataset
+
+    root = Path(__file__).resolve().parents[2]
+    prepare_dataset(None, tmp_path / "data", vocab_size=512, seq_len=32, default_corpus_bytes=1 << 20,
+                    progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "titans_pretrain", "train", str(root / "configs" / "debug.yaml"), "train.steps=3",
+           "optim.warmup_steps=1", "train.sample_tokens=0", f"run_dir={tmp_path / 'run'}",
+           f"data.path={tmp_path / 'data'}"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 process(es)" in proc.stdout and "dp=2" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()

@@ -1,0 +1,179 @@
+"""Functions that run inside spawned ranks (importable by the spawned interpreters)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
+
+
+def global_batch(cfg, step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + step)
+    n = cfg.train.global_batch_tokens // cfg.data.seq_len
+    x = torch.randint(0, cfg.model.vocab_size, (n, cfg.data.seq_len + 1), generator=g)
+    return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def rank_micro_batches(cfg, layout, batch: dict, dp_rank: int) -> list[dict]:
+    per_rank = layout.global_batch_seqs // layout.dp_size
+    mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in batch.items()}
+    m = layout.micro_batch_size
+    return [{k: v[i:i + m] for k, v in mine.items()} for i in range(0, per_rank, m)]
+
+
+def full(t):
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> dict:
+    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights."""
+    from titans_pretrain.config import load_config, resolve_layout
+    from titans_pretrain.distributed.mesh import build_mesh
+    from titans_pretrain.distributed.parallelize import unwrap
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.engine import NativeEngine
+    from titans_pretrain.train.trainer import seed_everything
+
+    cfg = load_config(CONFIG, overrides)
+    layout = resolve_layout(cfg, world)
+    dims = build_mesh(layout, torch.device("cpu"))
+    seed_everything(cfg.train.seed)
+    engine = NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+    micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
+    # gradients of the mean loss over the global batch (no optimizer step)
+    from titans_pretrain.distributed.parallelize import set_grad_sync
+
+    for i, mb in enumerate(micro):
+        set_grad_sync(engine.model, i == len(micro) - 1)
+        (engine.forward_loss(mb) / len(micro)).backward()
+    grads = {n: full(p.grad) for n, p in unwrap(engine.model).named_parameters()}
+    engine.optimizer.zero_grad(set_to_none=True)
+    losses, norms = [], []
+    for step in range(steps):
+        res = engine.train_step(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
+        losses.append(res.loss)
+        norms.append(res.grad_norm)
+    weights = {n: full(p) for n, p in unwrap(engine.model).named_parameters()}
+    return {"grads": grads, "losses": losses, "norms": norms, "weights": weights}
+
+
+def engine_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 3) -> dict:
+    """Several `engine_run`s in one launch (each launch costs seconds)."""
+    return {name: engine_run(rank, world, overrides, steps) for name, overrides in cases.items()}
+
+
+def plain_reference(overrides: list[str], steps: int = 3) -> dict:
+    """The same computation written as plain single-device PyTorch: no mesh, no engine."""
+    from titans_pretrain.config import load_config
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.optim import build_optimizer, build_scheduler
+    from titans_pretrain.train.trainer import seed_everything
+
+    cfg = load_config(CONFIG, overrides)
+    seed_everything(cfg.train.seed)
+    model = TitansLM(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+    batch = global_batch(cfg, 0)
+    model(batch["input_ids"], labels=batch["labels"]).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad(set_to_none=True)
+    losses, norms = [], []
+    for _ in range(steps):
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(float(loss.detach()))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"grads": grads, "losses": losses, "norms": norms, "weights": weights}
+
+
+def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> dict:
+    """Like `engine_run` with the DeepSpeed engine; step 1's gradients are read at the boundary."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from titans_pretrain.config import load_config, resolve_layout
+    from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
+    from titans_pretrain.distributed.mesh import build_mesh
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.trainer import seed_everything
+
+    cfg = load_config(CONFIG, ["parallel.engine=deepspeed", *overrides])
+    layout = resolve_layout(cfg, world)
+    dims = build_mesh(layout, torch.device("cpu"))
+    seed_everything(cfg.train.seed)
+    eng = DeepSpeedEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+    micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
+    total = 0.0
+    for i, mb in enumerate(micro):
+        loss = eng._loss(mb)
+        eng.engine.backward(loss)
+        total += float(loss.detach())
+        if i == len(micro) - 1:
+            grads = {n: safe_get_full_grad(p).detach().clone()
+                     for n, p in eng.engine.module.named_parameters()}
+        eng.engine.step()
+    eng.scheduler.step()
+    from titans_pretrain.train.engine import mean_over_dp
+
+    losses = [float(mean_over_dp(torch.tensor(total / len(micro)), dims))]
+    norms = [float(eng.engine.get_global_grad_norm())]
+    for _ in range(steps - 1):
+        res = eng.train_step(micro)
+        losses.append(res.loss)
+        norms.append(res.grad_norm)
+    params = list(eng.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=cfg.parallel.zero_stage == 3):
+        weights = {n: p.detach().clone() for n, p in params}
+    return {"grads": grads, "losses": losses, "norms": norms, "weights": weights}
+
+
+def deepspeed_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 3) -> dict:
+    return {name: deepspeed_run(rank, world, overrides, steps) for name, overrides in cases.items()}
+
+
+def _build_engine(world: int, overrides: list[str]):
+    from titans_pretrain.config import load_config, resolve_layout
+    from titans_pretrain.distributed.mesh import build_mesh
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.engine import NativeEngine
+    from titans_pretrain.train.trainer import seed_everything
+
+    cfg = load_config(CONFIG, overrides)
+    layout = resolve_layout(cfg, world)
+    dims = build_mesh(layout, torch.device("cpu"))
+    seed_everything(cfg.train.seed + world)  # different init per world size: load must overwrite it
+    return cfg, layout, dims, NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+
+
+def _full_state(engine) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(engine.model, engine.optimizer,
+                              options=StateDictOptions(full_state_dict=True))
+    flat = {f"model.{k}": v.clone() for k, v in msd.items()}
+    for name, st in osd["state"].items():
+        for k, v in st.items():
+            flat[f"optim.{name}.{k}"] = v.clone() if torch.is_tensor(v) else torch.tensor(v)
+    flat["lr"] = torch.tensor(osd["param_groups"][0]["lr"])
+    return flat
+
+
+def save_after_steps(rank: int, world: int, overrides: list[str], folder: str, steps: int = 2) -> dict:
+    cfg, layout, dims, engine = _build_engine(world, overrides)
+    for step in range(steps):
+        engine.train_step(rank_micro_batches(cfg, layout, global_batch(cfg, step), dims.dp_rank))
+    engine.save(Path(folder))
+    return _full_state(engine)
+
+
+def load_state(rank: int, world: int, overrides: list[str], folder: str) -> dict:
+    _, _, _, engine = _build_engine(world, overrides)
+    engine.load(Path(folder))
+    return _full_state(engine)

@@ -1,0 +1,414 @@
+"""Run configuration: typed dataclasses loaded from YAML with dotted `key=value` overrides.
+
+One source of truth: the `model` section *is* `titans_pretrain.models.TitansConfig`; the other
+sections are defined here. Every error names the offending key and says how to fix it, because a
+typo in a week-long job's config must fail in the first second, not after the first checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has a bad value, or contradicts another key."""
+
+
+# ----------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Where tokens come from. `path` holds a prepared dataset (`manifest.json`); when it is missing
+    the trainer prepares it there first from `inputs` (None = the embedded default corpus)."""
+
+    path: str = "data/default"
+    inputs: Optional[list[str]] = None
+    tokenizer: Optional[str] = None  # an existing sentencepiece .model; None = train one
+    vocab_size: int = 8192  # used when a tokenizer is trained
+    seq_len: int = 512
+    num_workers: int = 0
+    prepare_workers: int = 1
+    corpus_bytes: Optional[int] = None  # cap on the embedded default corpus; None = its default
+    val_fraction: float = 0.02  # share of documents held out for validation when preparing
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Sizes multiply to the world size; `dp_shard=-1` takes what is left."""
+
+    engine: Literal["native", "deepspeed"] = "native"
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # native engine only
+    dp_replicate: int = 1  # > 1 with fsdp = HSDP (replicate across groups, shard within)
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 2  # deepspeed engine only
+    cpu_offload: bool = False  # deepspeed: ZeRO offload of optimizer (and params at stage 3)
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # total optimizer steps (the schedule's length)
+    stop_at: int = 0  # save and exit 0 once this step is reached (a time-boxed slot); 0 = never
+    seed: int = 0
+    deterministic: bool = False
+    global_batch_tokens: int = 8192  # tokens per optimizer step, over all ranks and micro-steps
+    micro_batch_size: int = 4  # sequences per rank per forward/backward
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    val_interval: int = 0  # steps between validation passes; 0 = only at the end
+    val_batches: int = 4
+    sample_tokens: int = 64  # greedy sample generated at the end; 0 = none
+    sample_prompt: str = "def "
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: last fraction of steps that decays
+    grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured and logged)
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embedding"])
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple; 0 = none
+    async_save: bool = False
+    resume: str = "auto"  # "auto" (newest complete), "none", or a checkpoint folder
+    verify: Literal["hash", "size"] = "hash"  # integrity check on resume
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    console: bool = True
+    tensorboard: bool = False
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_project: str = "titans-pretrain"
+    run_name: Optional[str] = None
+
+
+SECTIONS = ("model", "data", "parallel", "train", "optim", "checkpoint", "logging")
+
+
+def model_config_class() -> type:
+    from titans_pretrain.models import TitansConfig
+
+    return TitansConfig
+
+
+@dataclass
+class RunConfig:
+    model: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_classes(self) -> dict[str, type]:
+        return _section_classes()
+
+
+def _section_classes() -> dict[str, type]:
+    return {
+        "model": model_config_class(),
+        "data": DataConfig,
+        "parallel": ParallelConfig,
+        "train": TrainConfig,
+        "optim": OptimConfig,
+        "checkpoint": CheckpointConfig,
+        "logging": LoggingConfig,
+    }
+
+
+# ----------------------------------------------------------------------------------------- coercion
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` to annotation `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build_dataclass(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}.{unknown[0]}; valid keys of '{prefix}': {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints.get(k, Any), f"{prefix}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.steps=10)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = _deep_merge({}, raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] not in (*SECTIONS, "run_dir"):
+            raise ConfigError(
+                f"unknown key {'.'.join(parts)}: the first part must be one of {[*SECTIONS, 'run_dir']}"
+            )
+        node = raw
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must be a YAML mapping with sections " + ", ".join(SECTIONS))
+    unknown = sorted(set(raw) - {*SECTIONS, "run_dir"})
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]}: top-level keys are {[*SECTIONS, 'run_dir']}")
+    classes = _section_classes()
+    kwargs = {name: _build_dataclass(cls, raw.get(name) or {}, name) for name, cls in classes.items()}
+    cfg = RunConfig(**kwargs, run_dir=_coerce(raw.get("run_dir", "runs/default"), str, "run_dir"))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Load a YAML config file (or defaults when `path` is None) and apply dotted overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        raw = yaml.safe_load(p.read_text()) or {}
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _positive(value: int | float, key: str, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need one config only (no world size). See `resolve_layout` for the rest."""
+    t, o, p, c, d = cfg.train, cfg.optim, cfg.parallel, cfg.checkpoint, cfg.data
+    _positive(t.steps, "train.steps")
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    _positive(t.stop_at, "train.stop_at", zero_ok=True)
+    _positive(t.global_batch_tokens, "train.global_batch_tokens")
+    _positive(t.max_bad_steps, "train.max_bad_steps")
+    _positive(t.val_interval, "train.val_interval", zero_ok=True)
+    _positive(t.val_batches, "train.val_batches", zero_ok=True)
+    _positive(t.sample_tokens, "train.sample_tokens", zero_ok=True)
+    _positive(o.lr, "optim.lr")
+    _positive(o.warmup_steps, "optim.warmup_steps", zero_ok=True)
+    _positive(o.grad_clip, "optim.grad_clip", zero_ok=True)
+    _positive(o.weight_decay, "optim.weight_decay", zero_ok=True)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}")
+    if o.warmup_steps >= t.steps and o.schedule != "constant":
+        raise ConfigError(
+            f"optim.warmup_steps ({o.warmup_steps}) must be smaller than train.steps ({t.steps}); "
+            "lower the warmup or raise the steps"
+        )
+    _positive(d.seq_len, "data.seq_len")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if t.global_batch_tokens % d.seq_len:
+        raise ConfigError(
+            f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.seq_len "
+            f"({d.seq_len}); try {max(1, t.global_batch_tokens // d.seq_len) * d.seq_len}"
+        )
+    _positive(cfg.logging.interval, "logging.interval")
+    _positive(c.interval, "checkpoint.interval", zero_ok=True)
+    _positive(c.keep_last, "checkpoint.keep_last")
+    _positive(c.keep_every, "checkpoint.keep_every", zero_ok=True)
+    for key in ("dp_replicate", "cp", "tp", "pp"):
+        _positive(getattr(p, key), f"parallel.{key}")
+    if p.dp_shard != -1:
+        _positive(p.dp_shard, "parallel.dp_shard")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage}")
+    for key in ("cp", "tp", "pp"):
+        if getattr(p, key) > 1:
+            raise ConfigError(
+                f"parallel.{key}={getattr(p, key)}: this version of the trainer implements data "
+                f"parallelism only; set parallel.{key}=1 (context/tensor/pipeline parallelism "
+                "come in their own issues)"
+            )
+    if p.engine == "deepspeed":
+        if p.dp_replicate != 1:
+            raise ConfigError("parallel.dp_replicate > 1 is an FSDP (HSDP) option; with "
+                              "parallel.engine=deepspeed set parallel.dp_replicate=1")
+        if p.data_parallel == "ddp" and p.zero_stage > 0:
+            pass  # data_parallel is ignored by the deepspeed engine
+    if p.data_parallel == "ddp" and p.dp_replicate != 1 and p.engine == "native":
+        raise ConfigError("parallel.dp_replicate > 1 needs parallel.data_parallel=fsdp (HSDP); "
+                          "with ddp every rank is a replica: set parallel.dp_replicate=1")
+    if c.resume not in ("auto", "none") and not c.resume:
+        raise ConfigError("checkpoint.resume: use auto, none, or a checkpoint folder")
+    m = cfg.model
+    heads = getattr(m, "n_heads", None)
+    d_model = getattr(m, "d_model", None)
+    if heads and d_model and getattr(m, "head_dim", None) is None and d_model % heads:
+        raise ConfigError(f"model.d_model ({d_model}) must be divisible by model.n_heads ({heads}) "
+                          "or set model.head_dim")
+    if heads and heads % p.tp:
+        raise ConfigError(f"model.n_heads ({heads}) must be divisible by parallel.tp ({p.tp})")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The resolved parallel layout and batch arithmetic for one world size."""
+
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    dp_size: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_seqs: int
+
+
+def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
+    """Fill `dp_shard=-1`, check the sizes multiply to the world size and the batch divides."""
+    p, t = cfg.parallel, cfg.train
+    other = p.dp_replicate * p.cp * p.tp * p.pp
+    if world_size % other:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.dp_replicate*cp*tp*pp = {other}; "
+            "change the parallel sizes or the number of processes"
+        )
+    dp_shard = world_size // other if p.dp_shard == -1 else p.dp_shard
+    if dp_shard * other != world_size:
+        raise ConfigError(
+            f"parallel sizes dp_replicate={p.dp_replicate} x dp_shard={dp_shard} x cp={p.cp} x "
+            f"tp={p.tp} x pp={p.pp} = {dp_shard * other} != world size {world_size}; "
+            "set parallel.dp_shard=-1 to fill the rest automatically"
+        )
+    dp = p.dp_replicate * dp_shard
+    seqs = t.global_batch_tokens // cfg.data.seq_len
+    per_step = t.micro_batch_size * dp
+    if seqs % per_step:
+        raise ConfigError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is {seqs} sequences of "
+            f"{cfg.data.seq_len}, not divisible by train.micro_batch_size ({t.micro_batch_size}) x "
+            f"data-parallel size ({dp}) = {per_step}; make the global batch a multiple of "
+            f"{per_step * cfg.data.seq_len} tokens or change the micro batch"
+        )
+    return Layout(world_size, p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, dp, t.micro_batch_size,
+                  seqs // per_step, seqs)

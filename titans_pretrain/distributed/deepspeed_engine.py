@@ -1,0 +1,155 @@
+"""DeepSpeed ZeRO engine (`parallel.engine=deepspeed`): stage 1/2/3, optional CPU offload.
+
+Same model, data, loop and checkpoint bookkeeping as the native engine; DeepSpeed owns the sharded
+optimizer and writes its own checkpoint files inside our atomic step folder. Two CPU traps are
+avoided here (see docs/training.md): the shared-memory comm op that `init_distributed` JIT-compiles
+for minutes is disabled, and the optimizer is a plain `torch.optim.AdamW` (FusedAdam and DeepSpeed's
+CPU Adam compile C++ on first use).
+
+Loss and LR schedule are ours (the scheduler wraps the client optimizer, whose param groups ZeRO
+keeps), so both engines follow the same schedule. Non-finite steps: ZeRO 1/2 skip the update by
+themselves when the gradient norm is not finite; ZeRO-3 only does so in fp16, so there a
+non-finite step is detected, counted and aborts after `train.max_bad_steps`, but not skipped.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from titans_pretrain.config import RunConfig
+from titans_pretrain.distributed.mesh import ParallelDims
+from titans_pretrain.train.engine import StepResult, mean_over_dp, use_bf16
+from titans_pretrain.train.optim import build_optimizer, build_scheduler
+
+TAG = "ds"
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401  (registers the module patched below)
+    except ImportError as exc:
+        raise RuntimeError("parallel.engine=deepspeed needs DeepSpeed: pip install "
+                           "'titans-pretrain[deepspeed]' (or use parallel.engine=native)") from exc
+    # `import deepspeed.comm.torch as m` would bind torch itself; the module is in sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+def ds_config(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> dict:
+    layout, p = dims.layout, cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.micro_batch_size * layout.grad_accum * layout.dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch AdamW: no CPUAdam C++ build
+        "bf16": {"enabled": use_bf16(cfg, device)},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
+        if cfg.parallel.activation_checkpointing or cfg.parallel.compile:
+            from titans_pretrain.distributed.parallelize import apply_activation_checkpointing
+
+            if cfg.parallel.activation_checkpointing:
+                apply_activation_checkpointing(model)
+            if cfg.parallel.compile:
+                for block in model.blocks:
+                    block.compile()
+        deepspeed = _import_deepspeed()
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
+                                   verbose=False)
+        self.cfg, self.dims, self.device = cfg, dims, device
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(cfg, dims, device))
+        self.model = self.engine
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        return self.engine(ids, labels=labels).loss
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        total = torch.zeros((), device=self.device)
+        lr = self.lr
+        self.engine.train()
+        for batch in micro_batches:
+            loss = self._loss(batch)
+            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            total += loss.detach().float()
+            self.engine.step()  # the optimizer steps at the accumulation boundary only
+        self.scheduler.step()
+        loss = mean_over_dp(total / len(micro_batches), self.dims)
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        finite = bool(torch.isfinite(loss).item()) and norm == norm and norm != float("inf")
+        return StepResult(float(loss), norm, finite, lr)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        self.engine.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in batches:
+            total += self._loss(batch).float()
+            count += 1
+        self.engine.train()
+        return float(mean_over_dp(total / max(1, count), self.dims))
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        self.engine.eval()
+        out = self.engine.module.generate(ids, max_new_tokens)
+        self.engine.train()
+        return out
+
+    # ------------------------------------------------------------------ checkpoint I/O
+    def save(self, folder: Path, async_save: bool = False):
+        # universal_checkpoint_info lets `ds_to_universal` convert it for another DP size later
+        self.engine.save_checkpoint(str(folder), tag=TAG,
+                                    client_state={"universal_checkpoint_info": {}}, save_latest=False)
+        return None
+
+    def load(self, folder: Path, dp_size_saved: int | None = None) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}/{TAG}")
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def load_fp32_model_state(folder: Path) -> dict:
+    """Consolidated fp32 weights of a DeepSpeed checkpoint folder, in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)

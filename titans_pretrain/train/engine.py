@@ -1,0 +1,149 @@
+"""The native engine: model + optimizer + schedule + one optimizer step + DCP checkpoint I/O.
+
+The trainer loop talks to an engine through four calls (`train_step`, `evaluate`, `save`, `load`),
+so FSDP2/DDP here and DeepSpeed ZeRO (`distributed/deepspeed_engine.py`) share the same loop,
+data, logging and checkpoint bookkeeping.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from titans_pretrain.config import RunConfig
+from titans_pretrain.distributed.mesh import ParallelDims
+from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
+from titans_pretrain.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token loss over the global batch
+    grad_norm: float  # global, before clipping
+    finite: bool  # False: the update was skipped
+    lr: float  # the learning rate this step used
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    mp = cfg.parallel.mixed_precision
+    if mp == "bf16" and device.type != "cuda":
+        return True  # allowed on CPU when asked for explicitly (slow, for tests)
+    return mp == "bf16" or (mp == "auto" and device.type == "cuda")
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    """bf16 autocast for compute; parameters and optimizer states stay fp32 (master weights)."""
+    if use_bf16(cfg, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _global_norm(value) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    if dims.dp_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=_dp_group(dims))
+        value /= dims.dp_size
+    return value
+
+
+def _dp_group(dims: ParallelDims):
+    if dims.layout.dp_replicate > 1:
+        return dims.mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+    return dims.mesh["dp_shard"].get_group()
+
+
+class NativeEngine:
+    name = "native"
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.model = parallelize(model, dims, cfg.parallel)
+        self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def module(self) -> nn.Module:
+        """The TitansLM (for generation); under FSDP2 its forward is still collective."""
+        return unwrap(self.model)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def forward_loss(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        with autocast(self.cfg, self.device):
+            return self.model(ids, labels=labels).loss
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """Forward/backward every micro-batch, clip, and step unless the loss or norm is not finite."""
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        self.model.train()
+        for i, batch in enumerate(micro_batches):
+            set_grad_sync(self.model, i == n - 1)
+            loss = self.forward_loss(batch)
+            (loss / n).backward()
+            total += loss.detach().float()
+        loss = mean_over_dp(total / n, self.dims)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
+        finite = bool(torch.isfinite(loss).item() and torch.isfinite(norm).item())
+        lr = self.lr
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(float(loss), float(norm), finite, lr)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in batches:
+            total += self.forward_loss(batch).float()
+            count += 1
+        self.model.train()
+        return float(mean_over_dp(total / max(1, count), self.dims))
+
+    # ------------------------------------------------------------------ checkpoint I/O
+    def save(self, folder: Path, async_save: bool = False):
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        state = {"model": msd, "optim": osd}
+        if async_save:
+            return dcp.async_save(state, checkpoint_id=str(folder))
+        dcp.save(state, checkpoint_id=str(folder))
+        return None
+
+    def load(self, folder: Path) -> None:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        self.model.eval()
+        out = unwrap(self.model).generate(ids, max_new_tokens)
+        self.model.train()
+        return out

@@ -1,0 +1,44 @@
+"""Preemption signals: SIGTERM / SIGUSR1 ask the job to stop; all ranks agree at a step boundary,
+save a checkpoint and exit with `EXIT_PREEMPTED`.
+
+The handler only sets a flag (nothing unsafe happens inside a signal handler). At every step
+boundary the ranks all-reduce the flag with MAX, so a signal delivered to any one rank (Slurm often
+signals only some) stops all of them at the same step, and no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+# Exit status after a signal-triggered save. 75 is EX_TEMPFAIL ("try again later"): the job did
+# nothing wrong and should be requeued; the Slurm launcher requeues on exactly this code.
+EXIT_PREEMPTED = 75
+# Exit status when training aborts on repeated non-finite losses/gradients.
+EXIT_DIVERGED = 3
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Installs the handlers on construction; `should_stop()` is collective."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def should_stop(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

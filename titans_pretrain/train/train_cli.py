@@ -1,0 +1,113 @@
+"""`titans-pretrain train CONFIG [key=value ...] [--nproc N]`.
+
+Three ways to start, one code path: under `torchrun`/`srun` every process runs this with the
+launcher's environment; with `--nproc N` this process becomes a small launcher that starts N local
+ranks (each a fresh `python -m titans_pretrain train ...`), forwards SIGTERM/SIGUSR1/SIGINT to them,
+stops the rest when one fails, and returns their exit code (0, 75 = preempted after a save, 3 =
+diverged, otherwise an error).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from titans_pretrain.config import ConfigError, load_config, resolve_layout
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    # REMAINDER so that `--nproc N` may also come after the overrides (pulled out in `run`)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="dotted overrides, e.g. train.steps=10 run_dir=runs/x")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="start N local processes (omit under torchrun/srun)")
+
+
+def launch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
+    """Run `python -m titans_pretrain train <argv>` as `nproc` ranks on this machine."""
+    from titans_pretrain.distributed.mesh import free_port
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    procs = []
+    for rank in range(nproc):
+        procs.append(subprocess.Popen([sys.executable, "-m", "titans_pretrain", "train", *argv],
+                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            bad = [p for p in procs if p.poll() not in (None, 0)]
+            if bad and failed_at is None:
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for p in procs:  # a rank died and the others are stuck in a collective
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    codes = [p.returncode for p in procs]
+    nonzero = [c for c in codes if c != 0]
+    return nonzero[0] if nonzero else 0
+
+
+def _split_nproc(args: argparse.Namespace) -> None:
+    rest, it = [], iter(args.overrides)
+    for item in it:
+        if item == "--nproc":
+            value = next(it, None)
+            if value is None:
+                raise ConfigError("--nproc needs a number")
+            item = f"--nproc={value}"
+        if item.startswith("--nproc="):
+            try:
+                args.nproc = int(item.split("=", 1)[1])
+            except ValueError:
+                raise ConfigError(f"--nproc must be an integer, got {item.split('=', 1)[1]!r}") from None
+        elif item.startswith("-"):
+            raise ConfigError(f"unknown option {item}; overrides look like section.key=value")
+        else:
+            rest.append(item)
+    args.overrides = rest
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _split_nproc(args)
+        cfg = load_config(args.config, args.overrides)
+        if args.nproc is not None:
+            if args.nproc < 1:
+                raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+            resolve_layout(cfg, args.nproc)  # fail here, not in N processes
+            if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("--nproc given inside a launched job (RANK is set): drop --nproc "
+                                  "under torchrun/srun")
+            return launch_local(args.nproc, [args.config, *args.overrides])
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from titans_pretrain.train.trainer import train
+
+    try:
+        return train(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

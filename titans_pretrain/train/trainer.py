@@ -1,0 +1,290 @@
+"""The training loop: generic over engines, owns data, cadence, checkpoints, signals and logs.
+
+Exit codes (also returned by `titans-pretrain train`): 0 done, `EXIT_PREEMPTED` (75) stopped by
+SIGTERM/SIGUSR1 after saving (requeue the job), `EXIT_DIVERGED` (3) too many non-finite steps.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from titans_pretrain.config import RunConfig, resolve_layout, save_config
+from titans_pretrain.distributed.mesh import build_mesh, init_distributed
+from titans_pretrain.train import checkpoint as ckpt
+from titans_pretrain.train.data import ensure_dataset, forever, make_loader
+from titans_pretrain.train.flops import device_peak_flops, flops_per_token, mfu
+from titans_pretrain.train.loggers import MetricLoggers, Throughput
+from titans_pretrain.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequest
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `train.max_bad_steps` non-finite steps in a row."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    bad_in_a_row: int = 0
+    skipped: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = init_distributed(cfg.parallel.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.layout = resolve_layout(cfg, self.world)
+        self.dims = build_mesh(self.layout, self.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.is_main = self.rank == 0
+        set_deterministic(cfg.train.deterministic)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        dist.barrier()
+        self.manifest = ensure_dataset(cfg, log=self.log)
+        self.engine = self._build_engine()
+        self.loader = make_loader(self.manifest, cfg, "train", self.dims.dp_rank, self.dims.dp_size)
+        self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, log=self.log)
+        self.progress = Progress()
+        self.tokens_per_step = self.layout.global_batch_seqs * cfg.data.seq_len
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ build
+    def _build_engine(self):
+        from titans_pretrain.models import TitansLM
+
+        seed_everything(self.cfg.train.seed)  # identical initial weights on every rank
+        model = TitansLM(self.cfg.model).to(self.device)
+        self.flops_token = flops_per_token(model, self.cfg.model, self.cfg.data.seq_len)
+        self.n_params = model.num_params()
+        if self.cfg.parallel.engine == "deepspeed":
+            from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
+
+            return DeepSpeedEngine(model, self.cfg, self.dims, self.device)
+        from titans_pretrain.train.engine import NativeEngine
+
+        return NativeEngine(model, self.cfg, self.dims, self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        p = self.progress
+        extra = {"rank": self.rank, "dp_rank": self.dims.dp_rank, "dp_size": self.dims.dp_size,
+                 "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
+                 "scheduler": self.engine.scheduler_state(), "step": p.step, "tokens": p.tokens,
+                 "bad_in_a_row": p.bad_in_a_row, "skipped": p.skipped}
+        meta = {"step": p.step, "tokens": p.tokens, "world_size": self.world,
+                "dp_size": self.dims.dp_size, "engine": self.engine.name,
+                "layout": self.layout.__dict__, "time": time.time()}
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        async_save = self.cfg.checkpoint.async_save
+        self.ckpt.save(p.step, lambda tmp: self.engine.save(tmp, async_save=async_save), extra, meta, text)
+
+    def resume(self) -> None:
+        folder = self.ckpt.find_resume()
+        if folder is None:
+            return
+        meta = ckpt.read_meta(folder)
+        if meta.get("engine") != self.engine.name:
+            raise ckpt.ResumeError(f"{folder} was written by the {meta.get('engine')} engine; this run uses "
+                               f"parallel.engine={self.engine.name}. Resume with the same engine, or "
+                               "start a new run_dir (load_checkpoint() reads either)")
+        if self.engine.name == "deepspeed" and meta["dp_size"] != self.dims.dp_size:
+            raise ckpt.ResumeError(
+                f"{folder}: written with {meta['dp_size']} data-parallel ranks, this run has "
+                f"{self.dims.dp_size}; a DeepSpeed ZeRO checkpoint loads only onto the size that wrote "
+                f"it: resume with {meta['dp_size']} ranks (or convert it with "
+                "deepspeed.checkpoint.ds_to_universal)")
+        self.engine.load(folder)
+        extras = ckpt.load_extras(folder)
+        self._pick_extra(extras, meta)
+        self.engine.load_scheduler_state(extras[0]["scheduler"])
+        p = self.progress
+        p.step, p.tokens = extras[0]["step"], extras[0]["tokens"]
+        p.bad_in_a_row, p.skipped = extras[0]["bad_in_a_row"], extras[0]["skipped"]
+        if self.is_main:
+            self._truncate_metrics(p.step)
+        self.log(f"[checkpoint] resumed from {folder} at step {p.step} ({p.tokens:,} tokens)")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop lines logged after the checkpoint (by the run that died): they are redone now."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+    def _pick_extra(self, extras: list[dict], meta: dict) -> dict | None:
+        """Restore this rank's loader position and RNGs; remap the loader on a new DP size."""
+        if meta["dp_size"] == self.dims.dp_size:
+            same = [e for e in extras if e["dp_rank"] == self.dims.dp_rank]
+            exact = [e for e in same if e["rank"] == self.rank] or same
+            mine = exact[0]
+            self.loader.load_state_dict(mine["loader"])
+            if meta["world_size"] == self.world:
+                ckpt.set_rng_state(mine["rng"])
+            return mine
+        state = dict(extras[0]["loader"])
+        saved_steps = self.loader.samples // (state["batch_size"] * state["dp_size"])
+        if state["step"] == saved_steps:  # the end of an epoch is the start of the next one
+            state["epoch"], state["step"] = state["epoch"] + 1, 0
+        try:  # the loader re-lays out its stream for the new size at an epoch boundary
+            self.loader.load_state_dict(state)
+        except ValueError as exc:
+            raise ckpt.ResumeError(f"cannot resume the data stream on {self.dims.dp_size} data-parallel "
+                               f"ranks (checkpoint written with {meta['dp_size']}): {exc}") from exc
+        self.log(f"[checkpoint] data-parallel size {meta['dp_size']} -> {self.dims.dp_size}: model and "
+                 "optimizer resharded, data stream continues at the epoch boundary")
+        return None
+
+    # ------------------------------------------------------------------ loop
+    def validate(self) -> float | None:
+        if "val" not in self.manifest.splits or self.cfg.train.val_batches == 0:
+            return None
+        need = self.cfg.train.micro_batch_size * self.dims.dp_size
+        if self.manifest.splits["val"].samples < need:
+            if not getattr(self, "_warned_val", False):
+                self.log(f"[val] skipped: the val split has {self.manifest.splits['val'].samples} samples, "
+                         f"fewer than one batch on every rank ({need}); prepare more data")
+                self._warned_val = True
+            return None
+        val = make_loader(self.manifest, self.cfg, "val", self.dims.dp_rank, self.dims.dp_size)
+        return self.engine.evaluate(itertools.islice(iter(val), self.cfg.train.val_batches))
+
+    def run(self) -> int:
+        stop = StopRequest()
+        self.resume()  # before the loggers open metrics.jsonl (resume may truncate it)
+        loggers = MetricLoggers(self.cfg, self.run_dir, self.cfg.train.steps, enabled=self.is_main)
+        self.log(f"[train] {self.n_params:,} parameters, {self.world} process(es), layout "
+                 f"dp={self.layout.dp_size} (replicate {self.layout.dp_replicate} x shard "
+                 f"{self.layout.dp_shard}), grad accumulation {self.layout.grad_accum}, "
+                 f"{self.tokens_per_step:,} tokens/step, engine {self.engine.name}")
+        try:
+            return self._loop(stop, loggers)
+        finally:  # no collective here: on an error the other ranks may be gone
+            loggers.close()
+            stop.restore()
+
+    def _loop(self, stop: StopRequest, loggers: MetricLoggers) -> int:
+        cfg, p = self.cfg, self.progress
+        stream = forever(self.loader)
+        peak = device_peak_flops(self.device)
+        meter = Throughput()
+        last_saved = p.step
+        while p.step < cfg.train.steps:
+            if cfg.train.stop_at and p.step >= cfg.train.stop_at:
+                self.log(f"[train] train.stop_at={cfg.train.stop_at} reached: saving and exiting "
+                         "(run again without it to continue)")
+                if p.step != last_saved:
+                    self.save()
+                self.ckpt.wait()
+                return 0
+            if stop.should_stop(self.device):
+                self.log(f"[train] stop signal received: saving at step {p.step} and exiting with "
+                         f"code {EXIT_PREEMPTED} (requeue to resume)")
+                if p.step != last_saved or not ckpt.list_checkpoints(self.ckpt.root):
+                    self.save()
+                self.ckpt.wait()
+                return EXIT_PREEMPTED
+            micro = [next(stream) for _ in range(self.layout.grad_accum)]
+            result = self.engine.train_step(micro)
+            p.step += 1
+            p.tokens += self.tokens_per_step
+            meter.add(self.tokens_per_step)
+            if result.finite:
+                p.bad_in_a_row = 0
+            else:
+                p.bad_in_a_row += 1
+                p.skipped += 1
+                self.log(f"[train] step {p.step}: non-finite loss {result.loss} or gradient norm "
+                         f"{result.grad_norm}; update skipped ({p.bad_in_a_row} in a row, "
+                         f"{p.skipped} total)")
+                if p.bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{p.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}) at step {p.step}: lower optim.lr, check the data, "
+                        "or resume from an earlier checkpoint")
+            if p.step % cfg.logging.interval == 0 or p.step == cfg.train.steps:
+                tps, step_time = meter.read()
+                loggers.log({"step": p.step, "loss": result.loss, "lr": result.lr,
+                             "grad_norm": result.grad_norm, "tokens": p.tokens, "tokens_per_s": tps,
+                             "mfu": mfu(self.flops_token, tps, self.world, peak),
+                             "step_time": step_time, "skipped_steps": p.skipped})
+            if cfg.train.val_interval and p.step % cfg.train.val_interval == 0 and p.step < cfg.train.steps:
+                val = self.validate()
+                if val is not None:
+                    loggers.log({"step": p.step, "val_loss": val})
+            if cfg.checkpoint.interval and p.step % cfg.checkpoint.interval == 0:
+                self.save()
+                last_saved = p.step
+        self.ckpt.wait()
+        val = self.validate()
+        if val is not None:
+            loggers.log({"step": p.step, "val_loss": val})
+        if cfg.checkpoint.save_at_end and p.step != last_saved:
+            self.save()
+        self.ckpt.wait()
+        self.sample()
+        self.log(f"[train] done: {p.step} steps, {p.tokens:,} tokens. Run folder: {self.run_dir.resolve()} "
+                 f"(metrics.jsonl, config.yaml, checkpoints/latest)")
+        return 0
+
+    def sample(self) -> str | None:
+        """Greedy continuation of `train.sample_prompt` (every rank runs it: FSDP forward is collective)."""
+        if self.cfg.train.sample_tokens == 0:
+            return None
+        from titans_pretrain.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(self.manifest.tokenizer_path)
+        ids = torch.tensor([tok.encode(self.cfg.train.sample_prompt)], device=self.device)
+        with torch.no_grad():
+            out = self.engine.generate(ids, self.cfg.train.sample_tokens)
+        text = self.cfg.train.sample_prompt + tok.decode(out[0].tolist())  # generate returns new tokens
+        if self.is_main:
+            (self.run_dir / "sample.txt").write_text(text)
+            self.log(f"[sample] {text!r}")
+        return text
+
+
+def train(cfg: RunConfig) -> int:
+    """Run one training job in this process (a rank of a launched group, or alone)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", flush=True)
+        return EXIT_DIVERGED
+    except ckpt.ResumeError as exc:
+        print(f"error: cannot resume: {exc}", flush=True)
+        return 1
