@@ -80,7 +80,7 @@ def test_gates_are_in_range_and_follow_the_bias_init(make_config):
     assert (alpha >= 0).all() and (alpha <= 1).all()
     theta0, eta0, alpha0 = layer.gates(torch.zeros(1, 1, 32))  # x = 0: the bias alone
     torch.testing.assert_close(theta0, torch.full_like(theta0, 0.3 * torch.sigmoid(torch.tensor(-2.0)).item()))
-    torch.testing.assert_close(eta0, torch.full_like(eta0, torch.sigmoid(torch.tensor(1.0)).item()))
+    torch.testing.assert_close(eta0, torch.full_like(eta0, 0.9 * torch.sigmoid(torch.tensor(1.0)).item()))
     torch.testing.assert_close(alpha0, torch.full_like(alpha0, torch.sigmoid(torch.tensor(-6.0)).item()))
 
 

@@ -178,7 +178,7 @@ def _reference_mac_block(block, x):
         k = F.normalize(heads(F.silu(_naive_conv(mem.k_proj(y_all), mem.k_conv.weight)))[:, :, -n:], dim=-1)
         v = heads(F.silu(_naive_conv(mem.v_proj(y_all), mem.v_conv.weight)))[:, :, -n:]
         theta = (c.theta_max * torch.sigmoid(mem.theta_proj(y))).transpose(1, 2)
-        eta = torch.sigmoid(mem.eta_proj(y)).transpose(1, 2)
+        eta = (c.eta_max * torch.sigmoid(mem.eta_proj(y))).transpose(1, 2)
         alpha = torch.sigmoid(mem.alpha_proj(y)).transpose(1, 2)
         r, state = memory_recurrent(q, k, v, theta, eta, alpha, state, chunk_size=c.chunk_size,
                                     activation=c.memory_activation)

@@ -2,7 +2,7 @@
 
 Input path, per stream (q, k, v): linear projection -> causal depthwise conv -> SiLU, then q and k
 are l2-normalised per head. Gates come from the layer input, per token and per head:
-``theta = theta_max * sigmoid(x w + b)``, ``eta = sigmoid(...)``, ``alpha = sigmoid(...)``.
+``theta = theta_max * sigmoid(x w + b)``, ``eta = eta_max * sigmoid(...)``, ``alpha = sigmoid(...)``.
 The memory itself (:mod:`memory_ops`) starts from the learned per-head ``M_0``. Output path:
 per-head RMSNorm of the read, times ``sigmoid(x W_g)``, then the output projection.
 
@@ -79,7 +79,7 @@ class MemoryLayer(nn.Module):
         c = config
         self.n_heads, self.head_dim = c.n_heads, c.resolved_head_dim
         self.chunk_size, self.activation = c.chunk_size, c.memory_activation
-        self.theta_max, self.per_chunk_gates = c.theta_max, c.per_chunk_gates
+        self.theta_max, self.eta_max, self.per_chunk_gates = c.theta_max, c.eta_max, c.per_chunk_gates
         H, D, d = self.n_heads, self.head_dim, c.d_model
         inner = H * D
         self.q_proj = nn.Linear(d, inner, bias=False)
@@ -142,7 +142,7 @@ class MemoryLayer(nn.Module):
         may see, so this stays causal."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         theta = self.theta_max * torch.sigmoid(self.theta_proj(x).to(dtype))
-        eta = torch.sigmoid(self.eta_proj(x).to(dtype))
+        eta = self.eta_max * torch.sigmoid(self.eta_proj(x).to(dtype))
         alpha = torch.sigmoid(self.alpha_proj(x).to(dtype))
         gates = [g.transpose(1, 2) for g in (theta, eta, alpha)]
         if self.per_chunk_gates:
