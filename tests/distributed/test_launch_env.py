@@ -1,25 +1,37 @@
 """How `train` finds its process group: torchrun env, Slurm env, or a lone process."""
 import os
 
+import pytest
+
 from titans_pretrain.distributed import mesh
 from titans_pretrain.train.train_cli import _split_nproc
 
 
-def test_slurm_env_maps_to_torch_env(monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """`_env_from_slurm` writes os.environ directly: put it back whole, or RANK/WORLD_SIZE/MASTER_*
+    leak into every later test's training subprocesses (which then wait for ranks that never come)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_slurm_env_maps_to_torch_env(monkeypatch, restored_environ):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_JOB_ID", "12345")
-    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.7")
+    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.2")  # loopback: never a real host
     mesh._env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
-    assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+    assert os.environ["MASTER_ADDR"] == "127.0.0.2"
     assert os.environ["MASTER_PORT"] == str(20000 + 12345 % 20000)
 
 
-def test_torchrun_env_wins_over_slurm(monkeypatch):
+def test_torchrun_env_wins_over_slurm(monkeypatch, restored_environ):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
