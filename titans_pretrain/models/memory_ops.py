@@ -281,13 +281,15 @@ def memory_chunked(
     g_end, n_end = G[:, :, ar, last], N[:, :, ar, last]                  # (B, H, n, b)
     beta_end, f_end, m_end = beta[:, :, ar, last], f[:, :, ar, last], m[:, :, ar, last]  # (B, H, n)
 
-    weights = [w.to(dtype) for w in state.weights]
-    momentum = [s.to(dtype) for s in state.momentum]
-    depth = len(weights)
-    out = _DualForm.apply(activation, depth, chunks(q), chunks(k), chunks(v), beta, f, G,
-                          beta_end, f_end, m_end, g_end, n_end, *weights, *momentum)
-    y = out[0].flatten(2, 3)[:, :, :T].to(q.dtype)
-    return y, MemoryState(tuple(out[1 : 1 + depth]), tuple(out[1 + depth :]))
+    # The chunk loop works on (B*H)-batched 3-D tensors, so that it can use fused batched ops.
+    flat = lambda x: x.reshape(B * H, *x.shape[2:])  # noqa: E731
+    state_in = [flat(t.to(dtype)) for t in (*state.weights, *state.momentum)]
+    depth = len(state.weights)
+    out = _DualForm.apply(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
+                          *(flat(x) for x in (beta, f, G, beta_end, f_end, m_end, g_end, n_end)), *state_in)
+    y = out[0].reshape(B, H, T + pad, -1)[:, :, :T].to(q.dtype)
+    final = [t.reshape(B, H, *t.shape[1:]) for t in out[1:]]
+    return y, MemoryState(tuple(final[:depth]), tuple(final[depth:]))
 
 
 def _second_derivative(activation: str, z: Tensor) -> Tensor:
@@ -308,50 +310,52 @@ class _DualForm(torch.autograd.Function):
         read       P_i = h_i a_i^T,  x_i = beta (h_i W_i) + f (h_i S_i) - (G * P_i) d_i,  h_{i+1} = act(x_i)
         chunk end  W_i' = be W_i + fe S_i - a_i^T (ge d_i),  S_i' = me S_i - a_i^T (ne d_i)
 
-    Backward walks the chunks in reverse with the saved activations (no recomputation) and returns
-    the gradients of q, k, v, the coefficient tensors and the initial state.
+    Tensors are (B*H)-batched: inputs ``(BH, n_chunks, b, D)``, coefficients ``(BH, n_chunks, ...)``,
+    state ``(BH, d_in, d_out)``. Backward walks the chunks in reverse with the activations saved in
+    forward (no recomputation), fusing multiply-adds into in-place ``baddbmm_`` (on fresh temporaries), ``addcmul`` and ``vecdot``.
     """
 
     @staticmethod
     def forward(ctx, activation, depth, q, k, v, beta, f, G, be, fe, me, ge, ne, *state):
         act, backprop = _ACTIVATIONS[activation]
         weights, momentum = list(state[:depth]), list(state[depth:])
-        n_chunks = q.shape[2]
+        n_chunks = q.shape[1]
         save = any(ctx.needs_input_grad)
         saved, outputs = [], []
         for c in range(n_chunks):
-            a, z, d, e, h, x, P = [k[:, :, c]], [], [], [], [q[:, :, c]], [], []
+            a, z, d, e, h, x, P = [k[:, c]], [], [], [], [q[:, c]], [], []
             for i in range(depth):
-                z.append(a[i] @ weights[i])
+                z.append(torch.bmm(a[i], weights[i]))
                 if i < depth - 1:
                     a.append(act(z[i]))
-            d_next = 2.0 * (z[-1] - v[:, :, c])
+            d_next = 2.0 * (z[-1] - v[:, c])
             d = [d_next]
             for i in range(depth - 2, -1, -1):
-                e.insert(0, d_next @ weights[i + 1].transpose(-1, -2))
+                e.insert(0, torch.bmm(d_next, weights[i + 1].transpose(1, 2)))
                 d_next = backprop(e[0], z[i])
                 d.insert(0, d_next)
-            beta_c, f_c, G_c = beta[:, :, c, :, None], f[:, :, c, :, None], G[:, :, c]
+            beta_c, f_c, G_c = beta[:, c, :, None], f[:, c, :, None], G[:, c]
             for i in range(depth):
-                P.append(h[i] @ a[i].transpose(-1, -2))
-                xi = beta_c * (h[i] @ weights[i]) + f_c * (h[i] @ momentum[i]) - (G_c * P[i]) @ d[i]
+                P.append(torch.bmm(h[i], a[i].transpose(1, 2)))
+                base = torch.addcmul(beta_c * torch.bmm(h[i], weights[i]), f_c, torch.bmm(h[i], momentum[i]))
+                xi = base.baddbmm_(G_c * P[i], d[i], alpha=-1.0)
                 if i < depth - 1:
                     x.append(xi)
                     h.append(act(xi))
             outputs.append(xi)
             if save:
                 saved.append((list(weights), list(momentum), a, z, d, e, h, x, P))
-            be_c, fe_c, me_c = (t[:, :, c, None, None] for t in (be, fe, me))
-            ge_c, ne_c = ge[:, :, c, :, None], ne[:, :, c, :, None]
+            be_c, fe_c, me_c = (t[:, c, None, None] for t in (be, fe, me))
+            ge_c, ne_c = ge[:, c, :, None], ne[:, c, :, None]
             for i in range(depth):
-                at = a[i].transpose(-1, -2)
-                new_w = be_c * weights[i] + fe_c * momentum[i] - at @ (ge_c * d[i])
-                momentum[i] = me_c * momentum[i] - at @ (ne_c * d[i])
+                at = a[i].transpose(1, 2)
+                new_w = torch.addcmul(be_c * weights[i], fe_c, momentum[i]).baddbmm_(at, ge_c * d[i], alpha=-1.0)
+                momentum[i] = (me_c * momentum[i]).baddbmm_(at, ne_c * d[i], alpha=-1.0)
                 weights[i] = new_w
         ctx.activation, ctx.depth, ctx.saved = activation, depth, saved
         if save:
             ctx.save_for_backward(beta, f, G, be, fe, me, ge, ne)
-        return (torch.stack(outputs, dim=2), *weights, *momentum)
+        return (torch.stack(outputs, dim=1), *weights, *momentum)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -361,64 +365,53 @@ class _DualForm(torch.autograd.Function):
         beta, f, G, be, fe, me, ge, ne = ctx.saved_tensors
         n_chunks = len(saved)
         first_w, first_s = saved[0][0], saved[0][1]
-        dW = [g if g is not None else torch.zeros_like(w) for g, w in zip(dstate[:depth], first_w)]
-        dS = [g if g is not None else torch.zeros_like(s) for g, s in zip(dstate[depth:], first_s)]
+        dW = [g.contiguous() if g is not None else torch.zeros_like(w) for g, w in zip(dstate[:depth], first_w)]
+        dS = [g.contiguous() if g is not None else torch.zeros_like(s) for g, s in zip(dstate[depth:], first_s)]
         if dy is None:
             dy = beta.new_zeros(*beta.shape, first_w[-1].shape[-1])
         dq, dk, dv = [], [], []
         dbeta, df, dG = torch.zeros_like(beta), torch.zeros_like(f), torch.zeros_like(G)
         dbe, dfe, dme = torch.zeros_like(be), torch.zeros_like(fe), torch.zeros_like(me)
         dge, dne = torch.zeros_like(ge), torch.zeros_like(ne)
-        tr = lambda t: t.transpose(-1, -2)  # noqa: E731
+        tr = lambda t: t.transpose(1, 2)  # noqa: E731
+        vecdot = torch.linalg.vecdot
 
         for c in range(n_chunks - 1, -1, -1):
             W, S, a, z, d, e, h, x, P = saved[c]
             saved[c] = None  # free as we go
-            be_c, fe_c, me_c = (t[:, :, c, None, None] for t in (be, fe, me))
-            ge_c, ne_c = ge[:, :, c, :, None], ne[:, :, c, :, None]
-            beta_c, f_c, G_c = beta[:, :, c, :, None], f[:, :, c, :, None], G[:, :, c]
+            be_c, fe_c, me_c = (t[:, c, None, None] for t in (be, fe, me))
+            ge_c, ne_c = ge[:, c, :, None], ne[:, c, :, None]
+            beta_c, f_c, G_c = beta[:, c, :, None], f[:, c, :, None], G[:, c]
 
             # Chunk end: W' = be W + fe S - a^T (ge d),  S' = me S - a^T (ne d).
             dA, dD, dW_prev, dS_prev = [], [], [], []
-            dbe[:, :, c] = sum((dW[i] * W[i]).sum((-1, -2)) for i in range(depth))
-            dfe[:, :, c] = sum((dW[i] * S[i]).sum((-1, -2)) for i in range(depth))
-            dme[:, :, c] = sum((dS[i] * S[i]).sum((-1, -2)) for i in range(depth))
-            dge_c, dne_c = 0.0, 0.0
             for i in range(depth):
-                d_out = W[i].shape[-1]
-                dWS = torch.cat((dW[i], dS[i]), dim=-1)                       # (d_in, 2 d_out)
-                dU = -(a[i] @ dWS)                                             # (b, 2 d_out)
-                dge_c = dge_c + (dU[..., :d_out] * d[i]).sum(-1)
-                dne_c = dne_c + (dU[..., d_out:] * d[i]).sum(-1)
-                dD.append(ge_c * dU[..., :d_out] + ne_c * dU[..., d_out:])
-                dA.append(-(torch.cat((ge_c * d[i], ne_c * d[i]), dim=-1) @ tr(dWS)))
+                dbe[:, c] += vecdot(dW[i].flatten(1), W[i].flatten(1))
+                dfe[:, c] += vecdot(dW[i].flatten(1), S[i].flatten(1))
+                dme[:, c] += vecdot(dS[i].flatten(1), S[i].flatten(1))
+                dU_w, dU_s = torch.bmm(a[i], dW[i]), torch.bmm(a[i], dS[i])    # minus d(ge d), d(ne d)
+                dge[:, c] -= vecdot(dU_w, d[i])
+                dne[:, c] -= vecdot(dU_s, d[i])
+                dD.append(torch.addcmul(ge_c * dU_w, ne_c, dU_s).neg_())
+                dA.append(torch.bmm(ge_c * d[i], tr(dW[i])).baddbmm_(ne_c * d[i], tr(dS[i])).neg_())
                 dW_prev.append(be_c * dW[i])
-                dS_prev.append(fe_c * dW[i] + me_c * dS[i])
-            dge[:, :, c], dne[:, :, c] = dge_c, dne_c
+                dS_prev.append(torch.addcmul(me_c * dS[i], fe_c, dW[i]))
 
             # Read, last layer first: x_i = beta (h W) + f (h S) - (G * P) d,  P = h a^T.
-            dh = dy[:, :, c]
-            dbeta_c, df_c, dG_c = 0.0, 0.0, 0.0
+            dh = dy[:, c]
             for i in range(depth - 1, -1, -1):
                 dx = dh if i == depth - 1 else backprop(dh, x[i])
-                WS = torch.cat((W[i], S[i]), dim=-2)                            # (2 d_in, d_out)
-                dhWS = dx @ tr(WS)                                             # (b, 2 d_in)
-                d_in = W[i].shape[-2]
-                dhW, dhS = dhWS[..., :d_in], dhWS[..., d_in:]
-                dbeta_c = dbeta_c + (dhW * h[i]).sum(-1)
-                df_c = df_c + (dhS * h[i]).sum(-1)
-                dWS_read = tr(h[i]) @ torch.cat((beta_c * dx, f_c * dx), dim=-1)  # (d_in, 2 d_out)
-                d_out = W[i].shape[-1]
-                dW_prev[i] = dW_prev[i] + dWS_read[..., :d_out]
-                dS_prev[i] = dS_prev[i] + dWS_read[..., d_out:]
-                R = G_c * P[i]
-                dR = -(dx @ tr(d[i]))                                          # (b, b)
-                dD[i] = dD[i] - tr(R) @ dx
-                dG_c = dG_c + dR * P[i]
+                dhW, dhS = torch.bmm(dx, tr(W[i])), torch.bmm(dx, tr(S[i]))
+                dbeta[:, c] += vecdot(dhW, h[i])
+                df[:, c] += vecdot(dhS, h[i])
+                dW_prev[i] = dW_prev[i].baddbmm_(tr(h[i]), beta_c * dx)
+                dS_prev[i] = dS_prev[i].baddbmm_(tr(h[i]), f_c * dx)
+                dR = torch.bmm(dx, tr(d[i])).neg_()                            # (b, b)
+                dD[i] = dD[i].baddbmm_(tr(G_c * P[i]), dx, alpha=-1.0)
+                dG[:, c] += dR * P[i]
                 dP = dR * G_c
-                dh = beta_c * dhW + f_c * dhS + dP @ a[i]
-                dA[i] = dA[i] + tr(dP) @ h[i]
-            dbeta[:, :, c], df[:, :, c], dG[:, :, c] = dbeta_c, df_c, dG_c
+                dh = torch.addcmul(beta_c * dhW, f_c, dhS).baddbmm_(dP, a[i])
+                dA[i] = dA[i].baddbmm_(tr(dP), h[i])
             dq.append(dh)
 
             # Key path, the delta chain first (d_i = act'(z_i) * e_i, e_i = d_{i+1} W_{i+1}^T) ...
@@ -426,20 +419,20 @@ class _DualForm(torch.autograd.Function):
             for i in range(depth - 1):
                 de = backprop(dD[i], z[i])
                 dz[i] = dD[i] * e[i] * _second_derivative(activation, z[i])
-                dD[i + 1] = dD[i + 1] + de @ W[i + 1]
-                dW_prev[i + 1] = dW_prev[i + 1] + tr(de) @ d[i + 1]
-            dz[-1] = 2.0 * dD[-1] if dz[-1] is None else dz[-1] + 2.0 * dD[-1]
+                dD[i + 1] = dD[i + 1].baddbmm_(de, W[i + 1])
+                dW_prev[i + 1] = dW_prev[i + 1].baddbmm_(tr(de), d[i + 1])
+            dz[-1] = 2.0 * dD[-1] if dz[-1] is None else torch.add(dz[-1], dD[-1], alpha=2.0)
             dv.append(-2.0 * dD[-1])
             # ... then the forward chain z_i = a_i W_i, a_{i+1} = act(z_i), in reverse.
             for i in range(depth - 1, -1, -1):
-                dA[i] = dA[i] + dz[i] @ tr(W[i])
-                dW_prev[i] = dW_prev[i] + tr(a[i]) @ dz[i]
+                dA[i] = dA[i].baddbmm_(dz[i], tr(W[i]))
+                dW_prev[i] = dW_prev[i].baddbmm_(tr(a[i]), dz[i])
                 if i > 0:
                     dz[i - 1] = dz[i - 1] + backprop(dA[i], z[i - 1])
             dk.append(dA[0])
             dW, dS = dW_prev, dS_prev
 
         ctx.saved = None
-        stack = lambda xs: torch.stack(xs[::-1], dim=2)  # noqa: E731
+        stack = lambda xs: torch.stack(xs[::-1], dim=1)  # noqa: E731
         return (None, None, stack(dq), stack(dk), stack(dv), dbeta, df, dG, dbe, dfe, dme, dge, dne,
                 *dW, *dS)
