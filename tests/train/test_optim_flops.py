@@ -56,10 +56,13 @@ def test_flops_formula_terms():
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert matmul_params(model) == linear
     d, e, b, H = 8, 16, 4, 2
-    assert memory_forward_flops(cfg) == H * ((12 * d * e + b * (d + e)) + (12 * e * d + b * (e + d)))
+    # layer D->E: key 2de, read 4de + 2b(d+e), update 4de (no inner backward below the first layer);
+    # layer E->D: key 2ed, inner backward 2ed, read 4ed + 2b(e+d), update 4ed; coefficients 2b^2 + 2b
+    assert memory_forward_flops(cfg) == H * (10 * d * e + 12 * e * d + 4 * b * (d + e) + 2 * b * b + 2 * b)
     T = 32
     assert attention_context(cfg, T) == 2 + 9  # persistent + (C+1)
-    expected = 6 * linear + 3 * 2 * (4 * 2 * 8 * 11 + 2 * memory_forward_flops(cfg))
+    context_read = 3 * 2 * 16 * (H * d) + H * (2 * d * e + 2 * e * d)  # MAC: q/gate/out proj + MLP read
+    expected = 6 * linear + 3 * 2 * (4 * 2 * 8 * 11 + memory_forward_flops(cfg) + context_read)
     assert flops_per_token(model, cfg, T) == pytest.approx(expected)
     # the attention context of a sliding window: mean over t of min(t + 1, w)
     mag = tiny(variant="mag")

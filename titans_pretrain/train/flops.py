@@ -1,23 +1,27 @@
 """Training FLOPs per token and MFU.
 
-The formula (forward + backward = 3x forward; a multiply-add = 2 FLOPs), per token:
+The formula (forward + backward = 3x forward; a multiply-add = 2 FLOPs), per token, as parts
+(:func:`flops_parts`; :func:`flops_per_token` is their sum):
 
-    flops_per_token = 6 * N_matmul                                  dense weights
-                    + 3 * n_layers * attn_fwd                        attention scores + values
-                    + 3 * n_layers * n_memory_passes * mem_fwd       the memory's inner loop
+    dense                 6 * N_matmul                                   every nn.Linear
+    attention             3 * n_layers * 4 * H * d_h * ctx               QK^T and PV
+    memory_*              3 * n_layers * H * (terms below)               the memory's inner loop
+    memory_context_read   3 * n_layers * (MAC only) the pre-segment read
 
 * `N_matmul`: the weights of every `nn.Linear` (projections, gates, SwiGLU, LM head even when
   tied). The memory's learned initial weights M_0 are not in it (used inside the inner loop).
-* `attn_fwd = 4 * H * d_h * ctx`: QK^T and PV, each 2 * H * d_h per attended key, with `ctx` the
-  mean number of keys a query attends (causal): MAC `n_p + 2 * (C + 1) / 2` (persistent tokens, the
-  segment's memory read-outs h and the segment itself, both causal), MAG/MAL
-  `n_p + min(w, T)` minus the causal triangle, LMM 0.
-* `mem_fwd` per head, for each memory layer `a -> c` (D -> E -> ... -> D, chunk size b), the dual form
-  of §3.2 of the method: key-path forward at M_0 (2ac), inner backward of the squared error (2ac),
-  query reads through W_0 and S_0 (4ac), the chunk-end state updates of M and S (4ac), and the
-  causal b x b coefficient products `tril(A' A^T)` and `(G * .) Delta` (b(a + c) per token on average):
-  `12ac + b(a + c)`. MAC runs the memory twice per layer (read h, then write y and read it back),
-  so n_memory_passes is 2 for MAC and 1 otherwise. Gate and projection matmuls are in N_matmul.
+* `ctx` is the mean number of keys a query attends (causal): MAC `n_p + 2 * (C + 1) / 2`
+  (persistent tokens, the segment's memory read-outs h and the segment itself, both causal),
+  MAG/MAL `n_p + mean_t min(t + 1, w)`, LMM 0. Useful work: masked-out scores are not counted.
+* The memory, per head and token, for each memory layer `a -> c` (D -> E -> ... -> D, chunk b), what
+  `memory_chunked` executes (checked against `torch.utils.flop_counter` in tests/profile):
+  `memory_key_forward` 2ac; `memory_inner_backward` 2ac for every layer but the first (the error is
+  propagated down to it, never below); `memory_read` 4ac (through W_0 and S_0) + 2b(a + c) (the
+  full b x b products `A' A^T` and `(G * .) Delta`); `memory_state_update` 4ac (M and S at the chunk
+  end); `memory_coefficients` 2b^2 + 2b once per head (`G = Bratio @ N`, `f = Bratio @ m`).
+* MAC reads the memory once more per layer before each segment (`h = M(q(x))`): q projection,
+  output gate and output projection again (3 * 2 * d * H * d_h) and the MLP forward (2ac per layer
+  and head): `memory_context_read`.
 
 An estimate by construction (elementwise work, norms and softmax are not counted, as in the usual
 6N accounting); it lets MFU compare runs of the same model honestly.
@@ -84,20 +88,48 @@ def memory_dims(cfg: Any) -> list[tuple[int, int]]:
     return [(d, e)] + [(e, e)] * (depth - 2) + [(e, d)]
 
 
+def memory_forward_terms(cfg: Any) -> dict[str, float]:
+    """Forward FLOPs per token of one write-and-read pass of the memory (all heads), by part."""
+    b, H, dims = cfg.chunk_size, cfg.n_heads, memory_dims(cfg)
+    return {
+        "memory_key_forward": H * sum(2.0 * a * c for a, c in dims),
+        "memory_inner_backward": H * sum(2.0 * a * c for a, c in dims[1:]),
+        "memory_read": H * sum(4.0 * a * c + 2.0 * b * (a + c) for a, c in dims),
+        "memory_state_update": H * sum(4.0 * a * c for a, c in dims),
+        "memory_coefficients": H * (2.0 * b * b + 2.0 * b),
+    }
+
+
 def memory_forward_flops(cfg: Any) -> float:
-    b = cfg.chunk_size
-    per_head = sum(12 * a * c + b * (a + c) for a, c in memory_dims(cfg))
-    return cfg.n_heads * per_head
+    return sum(memory_forward_terms(cfg).values())
+
+
+def _uses_memory(cfg: Any) -> bool:
+    return bool(getattr(cfg, "use_memory", True)) or cfg.variant == "lmm"
+
+
+def flops_parts(model: nn.Module, cfg: Any, seq_len: int) -> dict[str, float]:
+    """Training FLOPs (forward + backward) per token, by part; see the module docstring."""
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    scale = 3.0 * cfg.n_layers
+    parts = {
+        "dense": 6.0 * matmul_params(model),
+        "attention": scale * 4 * cfg.n_heads * head_dim * attention_context(cfg, seq_len),
+    }
+    memory_on = _uses_memory(cfg)
+    for name, value in memory_forward_terms(cfg).items():
+        parts[name] = scale * value if memory_on else 0.0
+    context = 0.0
+    if cfg.variant == "mac" and memory_on:
+        inner = cfg.n_heads * head_dim
+        context = 3 * 2.0 * cfg.d_model * inner + cfg.n_heads * sum(2.0 * a * c for a, c in memory_dims(cfg))
+    parts["memory_context_read"] = scale * context
+    return parts
 
 
 def flops_per_token(model: nn.Module, cfg: Any, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token; see the module docstring for the formula."""
-    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-    attn = 4 * cfg.n_heads * head_dim * attention_context(cfg, seq_len)
-    use_memory = getattr(cfg, "use_memory", True) or cfg.variant == "lmm"
-    passes = (2 if cfg.variant == "mac" else 1) if use_memory else 0
-    mem = memory_forward_flops(cfg) * passes
-    return 6 * matmul_params(model) + 3 * cfg.n_layers * (attn + mem)
+    return sum(flops_parts(model, cfg, seq_len).values())
 
 
 def mfu(flops_token: float, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
