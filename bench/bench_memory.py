@@ -6,6 +6,7 @@ invocation run on the same machine back to back, so their ratios are comparable.
     python bench/bench_memory.py                      # the CPU shapes, print a table
     python bench/bench_memory.py --record             # ... and append it to bench/RESULTS.md
     python bench/bench_memory.py --cases core,tp_nm64 --repeats 5
+    python bench/bench_memory.py --sweep 1024,2048,4096 --record   # fixed tokens per step
 
 The competitor is the public `titans-pytorch` package (`pip install titans-pytorch`, the `[bench]`
 extra); its cases are skipped with a note when it is not installed.
@@ -191,6 +192,9 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--T", type=int, default=SHAPE["T"])
     ap.add_argument("--B", type=int, default=SHAPE["B"])
+    ap.add_argument("--sweep", default="",
+                    help="comma-separated sequence lengths at fixed tokens per step (B * T of the base "
+                         "shape): one table row block per length, e.g. --sweep 1024,2048,4096")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,27 +203,34 @@ def main() -> int:
         print(json.dumps(run_case(args._case, args.repeats, args.dtype)))
         return 0
 
+    tokens_per_step = args.B * args.T
+    lengths = [int(t) for t in args.sweep.split(",") if t] or [args.T]
     rows = []
-    for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--_case", case, "--repeats", str(args.repeats), "--dtype", args.dtype,
-               "--T", str(args.T), "--B", str(args.B)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            print(f"{case}: skipped ({err})", file=sys.stderr)
-            rows.append(dict(case=case, error=err))
-            continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"{case:8s} {r['tokens_per_s']:10.0f} tok/s  {r['step_s']*1e3:8.1f} ms/step  "
-              f"{r['peak_mib']:8.0f} MiB  {CASES[case]}", flush=True)
+    for T in lengths:
+        if tokens_per_step % T:
+            raise SystemExit(f"--sweep length {T} does not divide the {tokens_per_step} tokens per step")
+        B = tokens_per_step // T
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--_case", case, "--repeats", str(args.repeats), "--dtype",
+                   args.dtype, "--T", str(T), "--B", str(B)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                print(f"T={T} {case}: skipped ({err})", file=sys.stderr)
+                rows.append(dict(case=case, T=T, B=B, error=err))
+                continue
+            r = dict(json.loads(proc.stdout.strip().splitlines()[-1]), T=T, B=B)
+            rows.append(r)
+            print(f"T={T:6d} B={B:3d} {case:8s} {r['tokens_per_s']:10.0f} tok/s  {r['step_s']*1e3:8.1f} ms/step  "
+                  f"{r['peak_mib']:8.0f} MiB  {CASES[case]}", flush=True)
 
-    by = {r["case"]: r for r in rows if "error" not in r}
     ratios = []
-    for ours, theirs in (("core", "tp_nm64"), ("core", "tp_nm"), ("layer", "tp_nm64"), ("layer", "tp_nm"),
-                         ("mac", "tp_mac"), ("mac", "dense"), ("tp_mac", "dense")):
-        if ours in by and theirs in by:
-            ratios.append(f"{ours}/{theirs} = {by[ours]['tokens_per_s'] / by[theirs]['tokens_per_s']:.2f}x")
+    for T in lengths:
+        by = {r["case"]: r for r in rows if "error" not in r and r["T"] == T}
+        for ours, theirs in (("core", "tp_nm64"), ("core", "tp_nm"), ("layer", "tp_nm64"), ("layer", "tp_nm"),
+                             ("mac", "tp_mac"), ("mac", "dense"), ("tp_mac", "dense")):
+            if ours in by and theirs in by:
+                ratios.append(f"T={T} {ours}/{theirs} = {by[ours]['tokens_per_s'] / by[theirs]['tokens_per_s']:.2f}x")
     print("ratios: " + ", ".join(ratios))
 
     if args.record:
@@ -229,18 +240,18 @@ def main() -> int:
         lines = [
             f"\n### Memory/MAC benchmark, {datetime.date.today()}, commit {commit}",
             f"Machine: {machine()}; torch {torch.__version__}; {args.dtype}; forward+backward, best of {args.repeats}.",
-            f"Shape: B={s['B']}, T={s['T']}, {s['H']} heads x {s['D']}, chunk {s['chunk']}, memory depth "
+            f"Shape: {tokens_per_step} tokens per step (B x T below), {s['H']} heads x {s['D']}, chunk {s['chunk']}, memory depth "
             f"{s['depth']}, expansion {s['expansion']}; models: d={MODEL['d_model']}, {MODEL['n_layers']} layers, "
             f"vocab {MODEL['vocab']}, MAC segment {MODEL['segment']}.",
             "",
-            "| case | tokens/s | ms/step | peak MiB | params | what |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
+            "| T | B | case | tokens/s | ms/step | peak MiB | params | what |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['case']} | - | - | - | - | skipped: {r['error'][:80]} |")
+                lines.append(f"| {r['T']} | {r['B']} | {r['case']} | - | - | - | - | skipped: {r['error'][:80]} |")
             else:
-                lines.append(f"| {r['case']} | {r['tokens_per_s']:.0f} | {r['step_s']*1e3:.1f} | "
+                lines.append(f"| {r['T']} | {r['B']} | {r['case']} | {r['tokens_per_s']:.0f} | {r['step_s']*1e3:.1f} | "
                              f"{r['peak_mib']:.0f} | {r['params']:,} | {CASES[r['case']]} |")
         lines.append("")
         lines.append("Ratios: " + ", ".join(ratios))
