@@ -48,6 +48,16 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _autocast_step(dev: torch.device, dtype: torch.dtype, loss_fn):
+    """One forward (under autocast unless fp32) + backward of a scalar loss."""
+    def step():
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn()
+        loss.float().backward()
+
+    return step
+
+
 def _build(case: str, dev: torch.device, dtype: torch.dtype):
     """Return (step_fn, tokens_per_step, n_params) for a case."""
     s, m = SHAPE, MODEL
@@ -82,11 +92,7 @@ def _build(case: str, dev: torch.device, dtype: torch.dtype):
         layer = MemoryLayer(cfg).to(dev)
         x = torch.randn(B, T, dim, generator=g).to(dev).requires_grad_()
 
-        def step():
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                y, _ = layer(x)
-            y.float().sum().backward()
-
+        step = _autocast_step(dev, dtype, lambda: layer(x)[0].float().sum())
         return step, B * T, sum(p.numel() for p in layer.parameters())
 
     if case in ("tp_nm64", "tp_nm"):
@@ -97,11 +103,7 @@ def _build(case: str, dev: torch.device, dtype: torch.dtype):
                            default_model_kwargs=dict(depth=s["depth"], expansion_factor=float(s["expansion"]))).to(dev)
         x = torch.randn(B, T, dim, generator=g).to(dev).requires_grad_()
 
-        def step():
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                y, _ = mem(x)
-            y.float().sum().backward()
-
+        step = _autocast_step(dev, dtype, lambda: mem(x)[0].float().sum())
         return step, B * T, sum(p.numel() for p in mem.parameters())
 
     ids = torch.randint(0, m["vocab"], (B, T + 1), generator=g).to(dev)
@@ -138,12 +140,7 @@ def _build(case: str, dev: torch.device, dtype: torch.dtype):
     else:
         raise SystemExit(f"unknown case {case!r}; choose from {sorted(CASES)}")
 
-    def step():
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn()
-        loss.backward()
-
-    return step, B * T, sum(p.numel() for p in model.parameters())
+    return _autocast_step(dev, dtype, loss_fn), B * T, sum(p.numel() for p in model.parameters())
 
 
 def run_case(case: str, repeats: int, dtype_name: str) -> dict:
