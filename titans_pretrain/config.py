@@ -45,7 +45,8 @@ class ParallelConfig:
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # native engine only
     dp_replicate: int = 1  # > 1 with fsdp = HSDP (replicate across groups, shard within)
     dp_shard: int = -1
-    cp: int = 1
+    cp: int = 1  # context parallel: ranks per sequence, each a contiguous slice, memory state relayed
+    cp_microbatches: int = 1  # cp: pieces of the batch per block hand-off (shortens the wavefront fill)
     tp: int = 1
     pp: int = 1
     zero_stage: int = 2  # deepspeed engine only
@@ -340,13 +341,16 @@ def validate(cfg: RunConfig) -> None:
         _positive(p.dp_shard, "parallel.dp_shard")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage}")
-    for key in ("cp", "tp", "pp"):
+    _positive(p.cp_microbatches, "parallel.cp_microbatches")
+    for key in ("tp", "pp"):
         if getattr(p, key) > 1:
             raise ConfigError(
-                f"parallel.{key}={getattr(p, key)}: this version of the trainer implements data "
-                f"parallelism only; set parallel.{key}=1 (context/tensor/pipeline parallelism "
-                "come in their own issues)"
+                f"parallel.{key}={getattr(p, key)}: this version of the trainer implements data and "
+                f"context parallelism only; set parallel.{key}=1 (tensor/pipeline parallelism come "
+                "in their own issue)"
             )
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
     if p.engine == "deepspeed":
         if p.dp_replicate != 1:
             raise ConfigError("parallel.dp_replicate > 1 is an FSDP (HSDP) option; with "
@@ -366,6 +370,27 @@ def validate(cfg: RunConfig) -> None:
                           "or set model.head_dim")
     if heads and heads % p.tp:
         raise ConfigError(f"model.n_heads ({heads}) must be divisible by parallel.tp ({p.tp})")
+
+
+def _validate_context_parallel(cfg: RunConfig) -> None:
+    p, m = cfg.parallel, cfg.model
+    if p.engine != "native":
+        raise ConfigError(f"parallel.cp={p.cp} needs parallel.engine=native (the DeepSpeed engine has no "
+                          "context parallelism); set parallel.engine=native or parallel.cp=1")
+    if p.compile:
+        raise ConfigError(f"parallel.cp={p.cp} with parallel.compile=true is not supported yet (the state "
+                          "relay is not traced); set parallel.compile=false")
+    if cfg.train.micro_batch_size % p.cp_microbatches:
+        raise ConfigError(f"parallel.cp_microbatches ({p.cp_microbatches}) must divide train.micro_batch_size "
+                          f"({cfg.train.micro_batch_size})")
+    unit = getattr(m, "unit", None)
+    if unit is not None:
+        from titans_pretrain.distributed.context_parallel import check_cp_layout
+
+        try:
+            check_cp_layout(cfg.data.seq_len, p.cp, unit, m.variant)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,7 @@ import pytest
 import torch
 
 from trainer_spawn import spawn_ranks
-from trainer_workers import engine_cases, plain_reference
-
-
-def _close(a: dict, b: dict, tol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=lambda m: f"{k}: {m}")
-
-
-def _check(result: dict, ref: dict) -> None:
-    _close(result["grads"], ref["grads"], 1e-6)
-    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-6)
-    assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5)
-    _close(result["weights"], ref["weights"], 1e-5)
+from trainer_workers import check_against_reference, engine_cases, plain_reference
 
 
 def test_data_parallel_matches_single_device():
@@ -28,10 +15,10 @@ def test_data_parallel_matches_single_device():
     ranks = spawn_ranks(engine_cases, 2, cases)  # micro batch 2: each rank accumulates 2 micro-batches
     for name in cases:
         for r in ranks:
-            _check(r[name], ref)
+            check_against_reference(r[name], ref)
         assert ranks[0][name]["losses"] == ranks[1][name]["losses"]  # every rank logs the global loss
     one = spawn_ranks(engine_cases, 1, {"fsdp": []})[0]["fsdp"]  # 1 rank, 4 micro-batches
-    _check(one, ref)
+    check_against_reference(one, ref)
 
 
 def test_checkpoint_reshards_onto_another_dp_size(tmp_path):
@@ -52,4 +39,4 @@ def test_hsdp_four_ranks_matches_single_device():
     ref = plain_reference([])
     ranks = spawn_ranks(engine_cases, 4, {"hsdp": ["parallel.dp_replicate=2"]})
     for r in ranks:
-        _check(r["hsdp"], ref)
+        check_against_reference(r["hsdp"], ref)

@@ -2,7 +2,7 @@
 batch: same losses, gradients, gradient norms and weights."""
 import pytest
 
-from test_data_parallel import _check
+from trainer_workers import check_against_reference as _check
 from trainer_spawn import spawn_ranks
 from trainer_workers import deepspeed_cases, plain_reference
 

@@ -42,12 +42,7 @@ def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> d
     seed_everything(cfg.train.seed)
     engine = NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
     micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
-    # gradients of the mean loss over the global batch (no optimizer step)
-    from titans_pretrain.distributed.parallelize import set_grad_sync
-
-    for i, mb in enumerate(micro):
-        set_grad_sync(engine.model, i == len(micro) - 1)
-        (engine.forward_loss(mb) / len(micro)).backward()
+    engine.accumulate_gradients(micro)  # gradients of the mean loss over the global batch, no step
     grads = {n: full(p.grad) for n, p in unwrap(engine.model).named_parameters()}
     engine.optimizer.zero_grad(set_to_none=True)
     losses, norms = [], []
@@ -57,6 +52,22 @@ def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> d
         norms.append(res.grad_norm)
     weights = {n: full(p) for n, p in unwrap(engine.model).named_parameters()}
     return {"grads": grads, "losses": losses, "norms": norms, "weights": weights}
+
+
+def _close(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=lambda m: f"{k}: {m}")
+
+
+def check_against_reference(result: dict, ref: dict) -> None:
+    """An `engine_run` result equals `plain_reference` (fp32: gradients 1e-6, weights 1e-5)."""
+    import pytest
+
+    _close(result["grads"], ref["grads"], 1e-6)
+    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-6)
+    assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5)
+    _close(result["weights"], ref["weights"], 1e-5)
 
 
 def engine_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 3) -> dict:

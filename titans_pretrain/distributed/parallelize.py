@@ -1,5 +1,8 @@
-"""Apply parallelism to a single-device model from outside: activation checkpointing, compile,
-then FSDP2 (HSDP when dp_replicate > 1) or DDP. The model code never changes for any of it."""
+"""Apply parallelism to a single-device model from outside: activation checkpointing, the
+context-parallel state relay, compile, then FSDP2 (HSDP when dp_replicate > 1) or DDP over the
+data-parallel dims only (the cp ranks of a group hold the same parameters; their gradients are
+summed by the engine after backward, so no per-block collective couples the cp wavefront). The
+model code never changes for any of it."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from titans_pretrain.config import ParallelConfig
+from titans_pretrain.distributed.context_parallel import ContextParallel, apply_context_parallel
 from titans_pretrain.distributed.mesh import ParallelDims
 
 
@@ -24,17 +28,23 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn.Module:
-    """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp)."""
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
+                cp: ContextParallel | None = None) -> nn.Module:
+    """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp). With
+    activation checkpointing and ``cp``, a block's slice is recomputed in backward from its
+    received entry state (the relay stays outside the recomputed region)."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cp is not None:
+        apply_context_parallel(model, cp)
     if cfg.compile:
         for block in model.blocks:
             block.compile()
     if cfg.data_parallel == "ddp":
         device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
-        return DistributedDataParallel(model, device_ids=device_ids,
-                                       process_group=dims.dp_mesh.get_group())
+        # under cp, M_0 only enters the graph on the first slice: the other ranks must say so
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=dims.dp_mesh.get_group(),
+                                       find_unused_parameters=cp is not None)
     mesh = dims.dp_mesh
     for block in model.blocks:
         fully_shard(block, mesh=mesh)

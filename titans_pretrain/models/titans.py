@@ -146,6 +146,11 @@ class TitansOutput:
     state: TitansState | None = None
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """Logits for the loss: at least fp32 (bf16 logits lose the loss's precision), fp64 kept."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 class TitansLM(nn.Module):
     """A Titans language model (variant from ``config.variant``), single device."""
 
@@ -221,7 +226,7 @@ class TitansLM(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} "
                                  "(pre-shifted targets, -100 to ignore)")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=-100)
         return TitansOutput(logits=logits, loss=loss, state=new_state if return_state else None)
 
     def _stream(self, input_ids: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from titans_pretrain.config import RunConfig
+from titans_pretrain.distributed.context_parallel import ContextParallel
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
 from titans_pretrain.train.optim import build_optimizer, build_scheduler
@@ -68,7 +69,9 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
         self.cfg, self.dims, self.device = cfg, dims, device
-        self.model = parallelize(model, dims, cfg.parallel)
+        self.cp = (ContextParallel(dims.mesh["cp"].get_group(), cfg.parallel.cp_microbatches)
+                   if dims.layout.cp > 1 else None)
+        self.model = parallelize(model, dims, cfg.parallel, self.cp)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -83,13 +86,24 @@ class NativeEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def forward_loss(self, batch: dict) -> torch.Tensor:
+        """The micro-batch's mean token loss; under context parallelism this rank's share of it
+        (the sum over the cp group is the mean over the whole sequences)."""
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
+        if self.cp is not None:
+            ids, labels = self.cp.shard(ids), self.cp.shard(labels)
+            with autocast(self.cfg, self.device):
+                return self.cp.loss(self.model(ids).logits, labels)
         with autocast(self.cfg, self.device):
             return self.model(ids, labels=labels).loss
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
-        """Forward/backward every micro-batch, clip, and step unless the loss or norm is not finite."""
+    def _sequence_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """Sum the cp ranks' shares back into the loss of the whole sequences."""
+        return local if self.cp is None else self.cp.sum_over_group(local)
+
+    def accumulate_gradients(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Forward/backward every micro-batch: the gradients of the mean loss over the global batch
+        end up in ``.grad`` (reduced over data- and context-parallel ranks). Returns the loss."""
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
         self.model.train()
@@ -98,7 +112,14 @@ class NativeEngine:
             loss = self.forward_loss(batch)
             (loss / n).backward()
             total += loss.detach().float()
-        loss = mean_over_dp(total / n, self.dims)
+        if self.cp is not None:
+            self.cp.flush()
+            self.cp.sync_gradients(self.params)
+        return mean_over_dp(self._sequence_loss(total) / n, self.dims)
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """Accumulate gradients, clip, and step unless the loss or norm is not finite."""
+        loss = self.accumulate_gradients(micro_batches)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(norm).item())
@@ -116,8 +137,10 @@ class NativeEngine:
         for batch in batches:
             total += self.forward_loss(batch).float()
             count += 1
+        if self.cp is not None:
+            self.cp.flush()
         self.model.train()
-        return float(mean_over_dp(total / max(1, count), self.dims))
+        return float(mean_over_dp(self._sequence_loss(total) / max(1, count), self.dims))
 
     # ------------------------------------------------------------------ checkpoint I/O
     def save(self, folder: Path, async_save: bool = False):
