@@ -98,7 +98,15 @@ class RelayStats:
     wait_forward_s: float = 0.0
     wait_backward_s: float = 0.0
     bytes_sent: int = 0
-    boundary_bytes: dict[int, int] = field(default_factory=dict)  # block -> state bytes per hand-off
+    handoff_bytes: dict[tuple[int, int], int] = field(default_factory=dict)  # (block, piece) -> bytes
+
+    @property
+    def boundary_bytes(self) -> dict[int, int]:
+        """Block -> bytes of state handed to the next rank per training call (all pieces)."""
+        out: dict[int, int] = {}
+        for (block, _), n in self.handoff_bytes.items():
+            out[block] = out.get(block, 0) + n
+        return out
 
     def reset(self) -> None:
         self.wait_forward_s = self.wait_backward_s = 0.0
@@ -140,6 +148,14 @@ class ContextParallel:
         value = value.detach().clone()
         dist.all_reduce(value, group=self.group)
         return value
+
+    def idle_fraction(self, elapsed_s: float) -> float:
+        """The group's mean fraction of ``elapsed_s`` spent waiting for a neighbour since the
+        last call (forward receives and backward gradient receives); resets the counters."""
+        waited = torch.tensor(self.stats.wait_forward_s + self.stats.wait_backward_s, dtype=torch.float64)
+        dist.all_reduce(waited, group=self.group)
+        self.stats.reset()
+        return float(waited) / self.size / max(elapsed_s, 1e-9)
 
     def sync_gradients(self, params) -> None:
         """Sum the parameters' local gradients over the group (each slice contributed its part),
@@ -217,7 +233,7 @@ class ContextParallel:
         sent = self._spec_exchange(("send",) + key, spec)
         if sent != spec:
             raise RuntimeError(f"context parallelism: block state changed shape within a run ({sent} -> {spec})")
-        self.stats.boundary_bytes[key[0]] = spec.nbytes
+        self.stats.handoff_bytes[key[:2]] = spec.nbytes
         return _Send.apply(self, key, spec, y, *tensors)
 
 

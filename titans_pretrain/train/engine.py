@@ -7,6 +7,7 @@ data, logging and checkpoint bookkeeping.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class StepResult:
     grad_norm: float  # global, before clipping
     finite: bool  # False: the update was skipped
     lr: float  # the learning rate this step used
+    cp_idle: float | None = None  # context parallel: mean fraction of the step a rank waited for a neighbour
 
 
 def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
@@ -69,6 +71,7 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
         self.cfg, self.dims, self.device = cfg, dims, device
+        self.cp_idle: float | None = None
         self.cp = (ContextParallel(dims.mesh["cp"].get_group(), cfg.parallel.cp_microbatches)
                    if dims.layout.cp > 1 else None)
         self.model = parallelize(model, dims, cfg.parallel, self.cp)
@@ -107,6 +110,7 @@ class NativeEngine:
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
         self.model.train()
+        start = time.perf_counter()
         for i, batch in enumerate(micro_batches):
             set_grad_sync(self.model, i == n - 1)
             loss = self.forward_loss(batch)
@@ -114,6 +118,7 @@ class NativeEngine:
             total += loss.detach().float()
         if self.cp is not None:
             self.cp.flush()
+            self.cp_idle = self.cp.idle_fraction(time.perf_counter() - start)
             self.cp.sync_gradients(self.params)
         return mean_over_dp(self._sequence_loss(total) / n, self.dims)
 
@@ -128,7 +133,7 @@ class NativeEngine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(float(loss), float(norm), finite, lr)
+        return StepResult(float(loss), float(norm), finite, lr, self.cp_idle)
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:

@@ -240,7 +240,8 @@ class Trainer:
                 loggers.log({"step": p.step, "loss": result.loss, "lr": result.lr,
                              "grad_norm": result.grad_norm, "tokens": p.tokens, "tokens_per_s": tps,
                              "mfu": mfu(self.flops_token, tps, self.world, peak),
-                             "step_time": step_time, "skipped_steps": p.skipped})
+                             "step_time": step_time, "skipped_steps": p.skipped,
+                             **({} if result.cp_idle is None else {"cp_idle": result.cp_idle})})
             if cfg.train.val_interval and p.step % cfg.train.val_interval == 0 and p.step < cfg.train.steps:
                 val = self.validate()
                 if val is not None:
