@@ -123,6 +123,11 @@ class ContextParallel:
         ranks = dist.get_process_group_ranks(group)
         self.prev = ranks[self.rank - 1] if self.rank > 0 else None
         self.next = ranks[self.rank + 1] if self.rank < self.size - 1 else None
+        if microbatches > 1 and dist.get_backend(group) == "nccl":
+            # NCCL matches point-to-point messages by order, not by tag; the backward order of the
+            # pieces is the autograd engine's and is not pinned, so pieces are gloo-only for now
+            raise ValueError("parallel.cp_microbatches > 1 is not supported with NCCL yet; set "
+                             "parallel.cp_microbatches=1")
         self.microbatches = microbatches
         self.stats = RelayStats()
         self._specs: dict[tuple, StateSpec] = {}
