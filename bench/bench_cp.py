@@ -1,9 +1,9 @@
 """Context parallelism: the wavefront's idle fraction and the bytes handed over per slice boundary.
 
 Runs forward+backward of one batch with the sequence split over P ranks (real processes, gloo on
-CPU or NCCL on GPUs), for each P given, and reports per rank: step time, seconds spent waiting for
-a neighbour (forward and backward), that as a fraction of the step, and the state bytes handed to
-the next rank per block. The model of the wavefront predicts an idle fraction of
+CPU), for each P given, and reports per rank: step time, seconds spent waiting (for a neighbour's
+state in forward, its gradient in backward, and in the gradient sum over the group) as a fraction
+of the step, and the state bytes handed to the next rank per block. The model of the wavefront predicts an idle fraction of
 ``(P-1) / (m L + P - 1)`` per pass for L blocks and m pieces per hand-off (docs/context_parallel.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_cp.py --cp 1 2 4 --microbatches 1 2
@@ -47,14 +47,16 @@ def _rank_main(rank: int, world: int, store: str, a: argparse.Namespace, out: st
         cp.stats.reset()
         dist.barrier()
         t0 = time.perf_counter()
+        cp.count_tokens(y)
         cp.loss(model(x).logits, y).backward()
         cp.flush()
+        cp.sync_gradients(list(model.parameters()))
         elapsed = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
         if step >= a.warmup:
             times.append(elapsed)
             waits_f.append(cp.stats.wait_forward_s)
-            waits_b.append(cp.stats.wait_backward_s)
+            waits_b.append(cp.stats.wait_backward_s + cp.stats.wait_sync_s)
     step_s = statistics.median(times)
     res = {"rank": rank, "step_s": step_s, "wait_forward_s": statistics.median(waits_f),
            "wait_backward_s": statistics.median(waits_b),
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.variant} d{a.d_model} L{a.n_layers} H{a.n_heads} chunk {a.chunk} segment {a.segment} "
           f"window {a.window}, B={a.batch}, T={a.seq}, fp32, 1 thread per rank, {os.cpu_count()} cores "
           f"({platform.processor() or platform.machine()}), torch {torch.__version__}", flush=True)
-    print("| P | m | step s (max rank) | tokens/s | idle fwd+bwd, rank 0 / last | mean idle | model "
+    print("| P | m | step s (max rank) | tokens/s | idle (waits incl. gradient sum), rank 0 / last | mean idle | model "
           "(P-1)/(mL+P-1) | bytes per block boundary |")
     print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     rows = []

@@ -93,11 +93,11 @@ def unflatten_state(tensors, spec: StateSpec) -> BlockState:
 # --------------------------------------------------------------------------------- the relay
 @dataclass
 class RelayStats:
-    """Seconds this rank sat waiting for a neighbour, and bytes it sent (reset per step)."""
+    """Seconds this rank waited (reset per step) and the state bytes it hands on per block."""
 
     wait_forward_s: float = 0.0
     wait_backward_s: float = 0.0
-    bytes_sent: int = 0
+    wait_sync_s: float = 0.0  # in the gradient sum over the group
     handoff_bytes: dict[tuple[int, int], int] = field(default_factory=dict)  # (block, piece) -> bytes
 
     @property
@@ -108,9 +108,12 @@ class RelayStats:
             out[block] = out.get(block, 0) + n
         return out
 
+    @property
+    def waited_s(self) -> float:
+        return self.wait_forward_s + self.wait_backward_s + self.wait_sync_s
+
     def reset(self) -> None:
-        self.wait_forward_s = self.wait_backward_s = 0.0
-        self.bytes_sent = 0
+        self.wait_forward_s = self.wait_backward_s = self.wait_sync_s = 0.0
 
 
 class ContextParallel:
@@ -132,6 +135,7 @@ class ContextParallel:
         self.stats = RelayStats()
         self._specs: dict[tuple, StateSpec] = {}
         self._pending: list[tuple[dist.Work, Tensor]] = []
+        self._count: tuple[dist.Work, Tensor] | None = None
         self._anchor = torch.zeros((), requires_grad=True)  # gives _Receive a backward
 
     # -- data
@@ -140,11 +144,20 @@ class ContextParallel:
         n = t.shape[1] // self.size
         return t[:, self.rank * n:(self.rank + 1) * n]
 
+    def count_tokens(self, labels: Tensor) -> None:
+        """Start summing the valid labels over the group; call before the forward, so the sum is
+        ready by the time :meth:`loss` needs it and adds no synchronisation point of its own."""
+        count = (labels != -100).sum().to(torch.float64)
+        self._count = (dist.all_reduce(count, group=self.group, async_op=True), count)
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """This slice's share of the mean token loss of the whole sequences: summed over the slice,
         divided by the valid tokens of the whole group, so the group's sum is the exact mean."""
-        count = (labels != -100).sum().to(torch.float64)
-        dist.all_reduce(count, group=self.group)
+        if self._count is None:
+            self.count_tokens(labels)
+        work, count = self._count
+        self._count = None
+        work.wait()
         total = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
                                 reduction="sum")
         return total / count.clamp_min(1).to(total.dtype)
@@ -155,9 +168,10 @@ class ContextParallel:
         return value
 
     def idle_fraction(self, elapsed_s: float) -> float:
-        """The group's mean fraction of ``elapsed_s`` spent waiting for a neighbour since the
-        last call (forward receives and backward gradient receives); resets the counters."""
-        waited = torch.tensor(self.stats.wait_forward_s + self.stats.wait_backward_s, dtype=torch.float64)
+        """The group's mean fraction of ``elapsed_s`` spent waiting since the last call: for a
+        neighbour's state or gradient, and in the gradient sum (where the ranks that finished
+        their backward first wait for the last); resets the counters."""
+        waited = torch.tensor(self.stats.waited_s, dtype=torch.float64)
         dist.all_reduce(waited, group=self.group)
         self.stats.reset()
         return float(waited) / self.size / max(elapsed_s, 1e-9)
@@ -176,7 +190,9 @@ class ContextParallel:
             by_dtype.setdefault(g.dtype, []).append(g)
         for group in by_dtype.values():
             flat = torch.cat([g.reshape(-1) for g in group])
+            start = time.perf_counter()
             dist.all_reduce(flat, group=self.group)
+            self.stats.wait_sync_s += time.perf_counter() - start
             offset = 0
             for g in group:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -191,7 +207,6 @@ class ContextParallel:
         for i, t in enumerate(tensors):
             t = t.detach().contiguous()
             self._pending.append((dist.isend(t, dst, group=self.group, tag=self._tag(key, i, backward)), t))
-            self.stats.bytes_sent += t.numel() * t.element_size()
 
     def _recv(self, spec: StateSpec, src: int, key: tuple, backward: bool, device) -> list[Tensor]:
         start = time.perf_counter()

@@ -95,6 +95,7 @@ class NativeEngine:
         labels = batch["labels"].to(self.device, non_blocking=True)
         if self.cp is not None:
             ids, labels = self.cp.shard(ids), self.cp.shard(labels)
+            self.cp.count_tokens(labels)
             with autocast(self.cfg, self.device):
                 return self.cp.loss(self.model(ids).logits, labels)
         with autocast(self.cfg, self.device):
@@ -118,8 +119,8 @@ class NativeEngine:
             total += loss.detach().float()
         if self.cp is not None:
             self.cp.flush()
-            self.cp_idle = self.cp.idle_fraction(time.perf_counter() - start)
             self.cp.sync_gradients(self.params)
+            self.cp_idle = self.cp.idle_fraction(time.perf_counter() - start)
         return mean_over_dp(self._sequence_loss(total) / n, self.dims)
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
