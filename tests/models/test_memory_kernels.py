@@ -169,6 +169,34 @@ def test_forced_kernel_on_cpu_without_interpreter_names_the_fix():
         memory_chunked(*tensors, init_state(m0, 1), chunk_size=16)
 
 
+def test_kernel_that_cannot_build_falls_back_in_auto_mode(monkeypatch):
+    """A card without the shared memory for a shape: auto mode warns, runs PyTorch, remembers the shape;
+    forced mode raises. (Building needs CUDA, so the compiler's error is raised by hand here.)"""
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    class Fallback:
+        apply = staticmethod(lambda *args: "pytorch path")
+
+    monkeypatch.setattr(kernels.TritonDualForm, "apply", no_room)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    q = torch.zeros(2, 3, 64, 32)                                   # (BH, n_chunks, chunk, D)
+    state = [torch.zeros(2, 32, 128), torch.zeros(2, 128, 32)] * 2
+    args = ("gelu", 2, q, *[q] * 10, *state)
+    dims = dict(depth=2, activation="gelu", dtype=torch.float32, chunk=64, dims=[("D", 32), ("E", 128)])
+    assert kernels.use_triton(torch.device("cuda"), **dims)
+    try:
+        with pytest.warns(RuntimeWarning, match="shared memory"):
+            assert kernels.apply_dual_form(Fallback, *args) == "pytorch path"
+        assert not kernels.use_triton(torch.device("cuda"), **dims)
+        with kernels.memory_kernel("triton"), pytest.raises(OutOfResources):
+            kernels.apply_dual_form(Fallback, *args)
+    finally:
+        kernels._FAILED.clear()
+
+
 # --------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -290,10 +290,10 @@ def memory_chunked(
     state_in = [flat(t.to(dtype)) for t in (*state.weights, *state.momentum)]
     depth = len(state.weights)
     dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state.weights[:-1]]
-    loop = _DualForm
+    loop = _DualForm.apply
     if kernels.use_triton(q.device, depth, activation, dtype, b, dims):
-        loop = kernels.TritonDualForm  # the same computation, fused (models/kernels/)
-    out = loop.apply(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
+        loop = functools.partial(kernels.apply_dual_form, _DualForm)  # the same computation, fused
+    out = loop(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
                           *(flat(x) for x in (beta, f, G, beta_end, f_end, m_end, g_end, n_end)), *state_in)
     y = out[0].reshape(B, H, T + pad, -1)[:, :, :T].to(q.dtype)
     final = [t.reshape(B, H, *t.shape[1:]) for t in out[1:]]

@@ -21,11 +21,12 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "TritonDualForm", "memory_kernel", "kernel_mode", "triton_available",
+__all__ = ["MODES", "TritonDualForm", "apply_dual_form", "memory_kernel", "kernel_mode", "triton_available",
            "unsupported_reason", "use_triton"]
 
 MODES = ("auto", "triton", "torch")
@@ -89,7 +90,8 @@ def use_triton(device: torch.device, depth: int, activation: str, dtype: torch.d
         return False
     reason = unsupported_reason(depth, activation, dtype, chunk, dims)
     if mode == "auto":
-        return device.type == "cuda" and reason is None and triton_available()
+        return (device.type == "cuda" and reason is None and triton_available()
+                and _config_key(depth, activation, chunk, dims) not in _FAILED)
     if reason is not None:
         raise ValueError(f"the Triton memory kernel was forced ({ENV_VAR} or memory_kernel('triton')) but "
                          f"cannot run {reason}; use mode 'auto' or 'torch' for this configuration")
@@ -100,6 +102,34 @@ def use_triton(device: torch.device, depth: int, activation: str, dtype: torch.d
         raise ValueError(f"the Triton memory kernel runs on cuda (or cpu, interpreted); got {device.type}")
     _kernels(device.type)  # fails now, with the fix, if CPU lacks the interpreter
     return True
+
+
+# Configurations whose kernel failed to build on this machine (auto mode then uses PyTorch): key -> error.
+_FAILED: dict[tuple, str] = {}
+
+
+def _config_key(depth, activation, chunk, dims) -> tuple:
+    return depth, activation, chunk, tuple(n for _, n in dims)
+
+
+def apply_dual_form(fallback, activation: str, depth: int, *args):
+    """``TritonDualForm.apply(...)``; in auto mode a kernel that cannot be built for this shape on this
+    card (out of shared memory or registers, a compiler error) warns once and runs ``fallback``
+    (``memory_ops._DualForm``) instead, now and for every later call with the same configuration."""
+    try:
+        return TritonDualForm.apply(activation, depth, *args)
+    except Exception as err:
+        import triton
+
+        if kernel_mode() != "auto" or not isinstance(err, triton.TritonError):
+            raise
+        q, state = args[0], args[11:]
+        dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state[: depth - 1]]
+        _FAILED[_config_key(depth, activation, q.shape[2], dims)] = repr(err)
+        warnings.warn(f"the Triton memory kernel failed to build for depth={depth}, {activation}, chunk="
+                      f"{q.shape[2]}, {dims} on this device ({err!r}); using the PyTorch path for this "
+                      f"configuration. Set {ENV_VAR}=torch to silence, or report it.", RuntimeWarning)
+        return fallback.apply(activation, depth, *args)
 
 
 def _interpreter_active() -> bool:
@@ -118,6 +148,14 @@ def _kernels(device_type: str):
         raise RuntimeError("the Triton memory kernel on CPU runs only under Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is imported (or use mode 'torch' on CPU)")
     return dual_form
+
+
+def _launch_options(t: Tensor, D: int, E: int) -> dict:
+    """Compiler options on CUDA (the interpreter takes none): more warps for the big state tiles,
+    one stage (nothing to software-pipeline; multi-buffering would only cost shared memory)."""
+    if not t.is_cuda:
+        return {}
+    return {"num_warps": 8 if D * E >= 64 * 128 else 4, "num_stages": 1}
 
 
 def _precision(t: Tensor) -> str:
@@ -153,8 +191,13 @@ class TritonDualForm(torch.autograd.Function):
         y = torch.empty(BH, n, b, D, device=q.device, dtype=f32)
         mod.dual_form_fwd_kernel[(BH,)](
             *ins, w1, s1, w2, s2, y, *saved, n, n_saved,
-            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[activation], PREC=_precision(q), SAVE=save)
+            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[activation], PREC=_precision(q), SAVE=save,
+            **_launch_options(q, D, E))
         if save:
+            if q.is_cuda:  # build the backward now, so that a failure to build falls back before autograd
+                mod.dual_form_bwd_kernel.warmup(
+                    *ins, *saved, y, w1, s1, w2, s2, *ins, n, grid=(BH,), BT=b, D=D, E=E, DEPTH=depth,
+                    ACT=_ACT_CODES[activation], PREC=_precision(q), **_launch_options(q, D, E))
             ctx.save_for_backward(*ins, *saved)
         ctx.activation, ctx.depth, ctx.dims = activation, depth, (BH, n, b, D, E)
         w1f, s1f, w2f, s2f = (t[:, -1].clone() for t in saved)  # the state after the last chunk
@@ -178,5 +221,6 @@ class TritonDualForm(torch.autograd.Function):
         grads = [torch.empty_like(t) for t in (q, k, v, beta, f, G, be, fe, me, ge, ne)]
         mod.dual_form_bwd_kernel[(BH,)](
             q, k, v, beta, f, G, be, fe, me, ge, ne, *saved, dy, dw1, ds1, dw2, ds2, *grads, n,
-            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[ctx.activation], PREC=_precision(q))
+            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[ctx.activation], PREC=_precision(q),
+            **_launch_options(q, D, E))
         return (None, None, *grads, *dW, *dS)
