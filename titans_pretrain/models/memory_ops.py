@@ -25,10 +25,10 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple, Sequence
 
+import importlib
+
 import torch
 from torch import Tensor
-
-from . import kernels
 
 __all__ = [
     "MemoryState",
@@ -291,13 +291,23 @@ def memory_chunked(
     depth = len(state.weights)
     dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state.weights[:-1]]
     loop = _DualForm.apply
-    if kernels.use_triton(q.device, depth, activation, dtype, b, dims):
+    kernels = _kernels()
+    if kernels is not None and kernels.use_triton(q.device, depth, activation, dtype, b, dims):
         loop = functools.partial(kernels.apply_dual_form, _DualForm)  # the same computation, fused
     out = loop(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
                           *(flat(x) for x in (beta, f, G, beta_end, f_end, m_end, g_end, n_end)), *state_in)
     y = out[0].reshape(B, H, T + pad, -1)[:, :, :T].to(q.dtype)
     final = [t.reshape(B, H, *t.shape[1:]) for t in out[1:]]
     return y, MemoryState(tuple(final[:depth]), tuple(final[depth:]))
+
+
+def _kernels():
+    """The fused-kernel package (models/kernels/), or None where it is absent: imported by name so that
+    the exported Hugging Face modeling file, which bundles this module alone, runs the PyTorch loop."""
+    try:
+        return importlib.import_module("titans_pretrain.models.kernels")
+    except ImportError:
+        return None
 
 
 def _second_derivative(activation: str, z: Tensor) -> Tensor:
