@@ -142,7 +142,7 @@ def test_dispatch_rules(monkeypatch):
     assert kernels.use_triton(cuda, **supported)                 # auto: the kernel on CUDA ...
     assert not kernels.use_triton(cpu, **supported)              # ... PyTorch elsewhere ...
     for bad in (dict(depth=3), dict(activation="relu"), dict(dtype=torch.float64), dict(chunk=48),
-                dict(dims=[("D", 8), ("E", 32)])):
+                dict(dims=[("D", 8), ("E", 32)]), dict(dims=[("D", 64), ("E", 256), ("D_out", 32)])):
         assert not kernels.use_triton(cuda, **{**supported, **bad})  # ... and for what it cannot run
     with kernels.memory_kernel("torch"):
         assert not kernels.use_triton(cuda, **supported)
@@ -153,6 +153,8 @@ def test_dispatch_rules(monkeypatch):
             kernels.use_triton(cuda, **{**supported, "chunk": 48})
         with pytest.raises(ValueError, match="memory depth 3"):
             kernels.use_triton(cuda, **{**supported, "depth": 3})
+        with pytest.raises(ValueError, match="value dimension 32"):
+            kernels.use_triton(cuda, **{**supported, "dims": [("D", 64), ("E", 256), ("D_out", 32)]})
     monkeypatch.setenv(kernels.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="TITANS_MEMORY_KERNEL"):
         kernels.kernel_mode()
@@ -185,7 +187,8 @@ def test_kernel_that_cannot_build_falls_back_in_auto_mode(monkeypatch):
     q = torch.zeros(2, 3, 64, 32)                                   # (BH, n_chunks, chunk, D)
     state = [torch.zeros(2, 32, 128), torch.zeros(2, 128, 32)] * 2
     args = ("gelu", 2, q, *[q] * 10, *state)
-    dims = dict(depth=2, activation="gelu", dtype=torch.float32, chunk=64, dims=[("D", 32), ("E", 128)])
+    dims = dict(depth=2, activation="gelu", dtype=torch.float32, chunk=64,
+                dims=[("D", 32), ("E", 128), ("D_out", 32)])
     assert kernels.use_triton(torch.device("cuda"), **dims)
     try:
         with pytest.warns(RuntimeWarning, match="shared memory"):

@@ -289,7 +289,7 @@ def memory_chunked(
     flat = lambda x: x.reshape(B * H, *x.shape[2:])  # noqa: E731
     state_in = [flat(t.to(dtype)) for t in (*state.weights, *state.momentum)]
     depth = len(state.weights)
-    dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state.weights[:-1]]
+    dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state.weights[:-1]] + [("D_out", v.shape[-1])]
     loop = _DualForm.apply
     kernels = _kernels()
     if kernels is not None and kernels.use_triton(q.device, depth, activation, dtype, b, dims):

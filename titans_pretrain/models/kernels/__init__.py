@@ -77,6 +77,9 @@ def unsupported_reason(depth: int, activation: str, dtype: torch.dtype, chunk: i
         return f"activation {activation!r} (the kernel handles {sorted(_ACT_CODES)})"
     if dtype != torch.float32:
         return f"state dtype {dtype} (the kernel keeps fp32 state; fp64 runs on the PyTorch path)"
+    sizes = dict(dims)
+    if sizes.get("D_out", sizes.get("D")) != sizes.get("D"):
+        return f"value dimension {sizes['D_out']} != key dimension {sizes['D']} (the kernel needs them equal)"
     for name, n in (("chunk (min(chunk_size, T))", chunk), *dims):
         if not _pow2_16(n):
             return f"{name} = {n} (the kernel needs powers of two >= 16)"
@@ -124,7 +127,7 @@ def apply_dual_form(fallback, activation: str, depth: int, *args):
         if kernel_mode() != "auto" or not isinstance(err, triton.TritonError):
             raise
         q, state = args[0], args[11:]
-        dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state[: depth - 1]]
+        dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state[: depth - 1]] + [("D_out", q.shape[-1])]
         _FAILED[_config_key(depth, activation, q.shape[2], dims)] = repr(err)
         warnings.warn(f"the Triton memory kernel failed to build for depth={depth}, {activation}, chunk="
                       f"{q.shape[2]}, {dims} on this device ({err!r}); using the PyTorch path for this "
@@ -155,7 +158,8 @@ def _launch_options(t: Tensor, D: int, E: int) -> dict:
     one stage (nothing to software-pipeline; multi-buffering would only cost shared memory)."""
     if not t.is_cuda:
         return {}
-    return {"num_warps": 8 if D * E >= 64 * 128 else 4, "num_stages": 1}
+    warps = int(os.environ.get("TITANS_KERNEL_NUM_WARPS", 0)) or (8 if D * E >= 64 * 128 else 4)  # tuning knob
+    return {"num_warps": warps, "num_stages": 1}
 
 
 def _precision(t: Tensor) -> str:
