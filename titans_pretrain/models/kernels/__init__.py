@@ -203,7 +203,7 @@ class TritonDualForm(torch.autograd.Function):
                     *ins, *saved, y, w1, s1, w2, s2, *ins, n, grid=(BH,), BT=b, D=D, E=E, DEPTH=depth,
                     ACT=_ACT_CODES[activation], PREC=_precision(q), **_launch_options(q, D, E))
             ctx.save_for_backward(*ins, *saved)
-        ctx.activation, ctx.depth, ctx.dims = activation, depth, (BH, n, b, D, E)
+        ctx.activation, ctx.depth, ctx.dims, ctx.prec = activation, depth, (BH, n, b, D, E), _precision(q)
         w1f, s1f, w2f, s2f = (t[:, -1].clone() for t in saved)  # the state after the last chunk
         weights, momentum = ([w1f, w2f], [s1f, s2f]) if depth == 2 else ([w1f], [s1f])
         return (y, *weights, *momentum)
@@ -225,6 +225,6 @@ class TritonDualForm(torch.autograd.Function):
         grads = [torch.empty_like(t) for t in (q, k, v, beta, f, G, be, fe, me, ge, ne)]
         mod.dual_form_bwd_kernel[(BH,)](
             q, k, v, beta, f, G, be, fe, me, ge, ne, *saved, dy, dw1, ds1, dw2, ds2, *grads, n,
-            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[ctx.activation], PREC=_precision(q),
+            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[ctx.activation], PREC=ctx.prec,  # recompute as forward did
             **_launch_options(q, D, E))
         return (None, None, *grads, *dW, *dS)
