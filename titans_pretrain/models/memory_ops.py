@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple, Sequence
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -254,7 +256,9 @@ def memory_chunked(
 
     The chunk loop has a hand-written backward (:class:`_DualForm`): one pass back over the chunks
     with the activations saved in forward, no autograd graph of thousands of small nodes. The gate
-    coefficients are built outside it, so autograd carries their gradients back to the gates.
+    coefficients are built outside it, so autograd carries their gradients back to the gates. On
+    CUDA the loop runs as fused Triton kernels when the shape allows (:mod:`.kernels`; force either
+    path with ``TITANS_MEMORY_KERNEL=torch|triton`` or ``kernels.memory_kernel(...)``).
     """
     _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size)
     _activation(activation)
@@ -285,11 +289,25 @@ def memory_chunked(
     flat = lambda x: x.reshape(B * H, *x.shape[2:])  # noqa: E731
     state_in = [flat(t.to(dtype)) for t in (*state.weights, *state.momentum)]
     depth = len(state.weights)
-    out = _DualForm.apply(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
+    dims = [("D", q.shape[-1])] + [("E", w.shape[-1]) for w in state.weights[:-1]] + [("D_out", v.shape[-1])]
+    loop = _DualForm.apply
+    kernels = _kernels()
+    if kernels is not None and kernels.use_triton(q.device, depth, activation, dtype, b, dims):
+        loop = functools.partial(kernels.apply_dual_form, _DualForm)  # the same computation, fused
+    out = loop(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
                           *(flat(x) for x in (beta, f, G, beta_end, f_end, m_end, g_end, n_end)), *state_in)
     y = out[0].reshape(B, H, T + pad, -1)[:, :, :T].to(q.dtype)
     final = [t.reshape(B, H, *t.shape[1:]) for t in out[1:]]
     return y, MemoryState(tuple(final[:depth]), tuple(final[depth:]))
+
+
+def _kernels():
+    """The fused-kernel package (models/kernels/), or None where it is absent: imported by name so that
+    the exported Hugging Face modeling file, which bundles this module alone, runs the PyTorch loop."""
+    try:
+        return importlib.import_module("titans_pretrain.models.kernels")
+    except ImportError:
+        return None
 
 
 def _second_derivative(activation: str, z: Tensor) -> Tensor:

@@ -1,0 +1,234 @@
+"""The fused Triton dual form (models/kernels/) against the PyTorch ``memory_chunked``.
+
+Outputs, final states and the gradients of every input (q, k, v, the three gates, initial weights and
+momentum) must match the PyTorch path in fp32 and the fp64 PyTorch path, within 1e-5 relative (max
+abs error over max abs value). On CPU the kernels run under Triton's interpreter, which must be
+switched on before triton is imported: all CPU cases run in one subprocess (``python
+tests/models/test_memory_kernels.py`` is that worker) and the tests read its report. With a GPU the
+same cases, plus the issue's real layer shape, also run compiled on the device, in-process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from titans_pretrain.models import kernels
+from titans_pretrain.models.memory_ops import MemoryState, init_state, memory_chunked
+
+RTOL = 1e-5
+ROOT = Path(__file__).resolve().parents[2]
+
+# name: (B, H, T, D, E, depth, chunk, activation, what the loss reads, input dtype)
+CASES = {
+    "d2_gelu_pad": (2, 1, 40, 16, 32, 2, 16, "gelu", "both", torch.float32),   # 3 chunks, last one short
+    "d1_silu": (1, 2, 32, 16, 16, 1, 16, "silu", "both", torch.float32),
+    "d2_silu_one_chunk": (1, 1, 16, 16, 32, 2, 64, "silu", "both", torch.float32),  # chunk > T
+    "d2_gelu_y_only": (1, 1, 32, 16, 16, 2, 16, "gelu", "y", torch.float32),   # no state gradient flows in
+    "d2_gelu_state_only": (1, 1, 32, 16, 16, 2, 16, "gelu", "state", torch.float32),  # no dy
+    "d2_gelu_bf16_inputs": (1, 2, 32, 16, 32, 2, 16, "gelu", "both", torch.bfloat16),
+}
+
+
+def _inputs(B, H, T, D, E, depth, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nrm = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731  (the layer's l2-normed q, k)
+    q, k = nrm(torch.randn(B, H, T, D, generator=g)), nrm(torch.randn(B, H, T, D, generator=g))
+    v = torch.randn(B, H, T, D, generator=g)
+    theta = 0.5 * torch.rand(B, H, T, generator=g)
+    eta = 0.5 + 0.5 * torch.rand(B, H, T, generator=g)
+    alpha = 0.2 * torch.rand(B, H, T, generator=g)
+    dims = [D] + [E] * (depth - 1) + [D]
+    m0 = [torch.randn(H, dims[i], dims[i + 1], generator=g) * dims[i] ** -0.5 for i in range(depth)]
+    s0 = [0.1 * torch.randn(B, H, dims[i], dims[i + 1], generator=g) * dims[i] ** -0.5 for i in range(depth)]
+    probes = [torch.randn(B, H, T, D, generator=g)] + [torch.randn(B, H, dims[i], dims[i + 1], generator=g)
+                                                      for _ in range(2) for i in range(depth)]
+    to = lambda x, dt=torch.float32: x.to(device=device, dtype=dt)  # noqa: E731
+    return [to(x, dtype) for x in (q, k, v)] + [to(x) for x in (theta, eta, alpha)], \
+        [to(x) for x in m0], [to(x) for x in s0], [to(x) for x in probes]
+
+
+def _run(mode, case, device, state_dtype):
+    """Forward + backward of one case on one path: ``[y, *final state, *gradients of all inputs]``."""
+    B, H, T, D, E, depth, chunk, act, reads, in_dtype = case
+    tensors, m0, s0, probes = _inputs(B, H, T, D, E, depth, in_dtype, device)
+    if state_dtype == torch.float64:
+        tensors = [t.double() for t in tensors]
+        m0, s0, probes = ([t.double() for t in ts] for ts in (m0, s0, probes))
+    leaves = [t.detach().requires_grad_() for t in tensors + m0 + s0]
+    n_in = len(tensors)
+    w0 = init_state(leaves[n_in:n_in + depth], B)
+    state = MemoryState(w0.weights, tuple(leaves[n_in + depth:]))
+    with kernels.memory_kernel(mode):
+        y, final = memory_chunked(*leaves[:n_in], state, chunk_size=chunk, activation=act)
+    finals = [*final.weights, *final.momentum]
+    loss = 0.0
+    if reads in ("y", "both"):
+        loss = loss + (y.double() * probes[0]).sum()
+    if reads in ("state", "both"):
+        loss = loss + sum((s.double() * p).sum() for s, p in zip(finals, probes[1:]))
+    grads = torch.autograd.grad(loss, leaves)
+    return [y.double(), *(s.double() for s in finals), *(g.double() for g in grads)]
+
+
+def _rtol64(name):
+    """bf16 inputs return bf16 ``y`` and input gradients: against fp64, the tolerance is bf16's."""
+    return 2.0 ** -7 if CASES[name][-1] == torch.bfloat16 else RTOL
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def compare(name, device):
+    """Max relative errors of the kernel against the fp32 and the fp64 PyTorch paths."""
+    case = CASES[name]
+    ours = _run("triton", case, device, torch.float32)
+    ref32 = _run("torch", case, device, torch.float32)
+    ref64 = _run("torch", case, device, torch.float64)
+    return {"vs_fp32": max(_rel_err(a, b) for a, b in zip(ours, ref32)),
+            "vs_fp64": max(_rel_err(a, b) for a, b in zip(ours, ref64)),
+            "n_tensors": len(ours)}
+
+
+def _no_grad_matches(device):
+    """Inference (no state saved for backward): y and final state equal the PyTorch path's."""
+    B, H, T, D, E, depth, chunk, act, _, _ = CASES["d2_gelu_pad"]
+    tensors, m0, s0, _ = _inputs(B, H, T, D, E, depth, torch.float32, device)
+    out = {}
+    for mode in ("triton", "torch"):
+        with torch.no_grad(), kernels.memory_kernel(mode):
+            y, st = memory_chunked(*tensors, MemoryState(init_state(m0, B).weights, tuple(s0)),
+                                   chunk_size=chunk, activation=act)
+        out[mode] = [y, *st.weights, *st.momentum]
+    return max(_rel_err(a, b) for a, b in zip(out["triton"], out["torch"]))
+
+
+# ------------------------------------------------------------------------------- CPU (interpreter)
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run every case once under TRITON_INTERPRET=1 in a fresh process; return its JSON report."""
+    assert kernels.triton_available(), "triton is missing (a dev dependency: fail, not skip): pip install -e '.[dev]' (it pins triton)"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_interpreted_kernel_matches_pytorch(interpreted, name):
+    errs = interpreted[name]
+    assert errs["n_tensors"] >= 10
+    assert errs["vs_fp32"] < RTOL, errs
+    assert errs["vs_fp64"] < _rtol64(name), errs
+
+
+def test_interpreted_kernel_no_grad(interpreted):
+    assert interpreted["no_grad"] < RTOL
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+def test_dispatch_rules(monkeypatch):
+    supported = dict(depth=2, activation="gelu", dtype=torch.float32, chunk=64, dims=[("D", 64), ("E", 256)])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.kernel_mode() == "auto"
+    assert kernels.use_triton(cuda, **supported)                 # auto: the kernel on CUDA ...
+    assert not kernels.use_triton(cpu, **supported)              # ... PyTorch elsewhere ...
+    for bad in (dict(depth=3), dict(activation="relu"), dict(dtype=torch.float64), dict(chunk=48),
+                dict(dims=[("D", 8), ("E", 32)]), dict(dims=[("D", 64), ("E", 256), ("D_out", 32)])):
+        assert not kernels.use_triton(cuda, **{**supported, **bad})  # ... and for what it cannot run
+    with kernels.memory_kernel("torch"):
+        assert not kernels.use_triton(cuda, **supported)
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    assert not kernels.use_triton(cuda, **supported)
+    with kernels.memory_kernel("triton"):                        # the context manager wins over the env
+        with pytest.raises(ValueError, match="chunk .* = 48"):
+            kernels.use_triton(cuda, **{**supported, "chunk": 48})
+        with pytest.raises(ValueError, match="memory depth 3"):
+            kernels.use_triton(cuda, **{**supported, "depth": 3})
+        with pytest.raises(ValueError, match="value dimension 32"):
+            kernels.use_triton(cuda, **{**supported, "dims": [("D", 64), ("E", 256), ("D_out", 32)]})
+    monkeypatch.setenv(kernels.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="TITANS_MEMORY_KERNEL"):
+        kernels.kernel_mode()
+    with pytest.raises(ValueError, match="memory_kernel"):
+        with kernels.memory_kernel("cuda"):
+            pass
+
+
+def test_forced_kernel_on_cpu_without_interpreter_names_the_fix():
+    if kernels._interpreter_active():
+        pytest.skip("this process imported triton under TRITON_INTERPRET=1")
+    tensors, m0, s0, _ = _inputs(1, 1, 16, 16, 16, 1, torch.float32, "cpu")
+    with kernels.memory_kernel("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        memory_chunked(*tensors, init_state(m0, 1), chunk_size=16)
+
+
+def test_kernel_that_cannot_build_falls_back_in_auto_mode(monkeypatch):
+    """A card without the shared memory for a shape: auto mode warns, runs PyTorch, remembers the shape;
+    forced mode raises. (Building needs CUDA, so the compiler's error is raised by hand here.)"""
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    class Fallback:
+        apply = staticmethod(lambda *args: "pytorch path")
+
+    monkeypatch.setattr(kernels.TritonDualForm, "apply", no_room)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    q = torch.zeros(2, 3, 64, 32)                                   # (BH, n_chunks, chunk, D)
+    state = [torch.zeros(2, 32, 128), torch.zeros(2, 128, 32)] * 2
+    args = ("gelu", 2, q, *[q] * 10, *state)
+    dims = dict(depth=2, activation="gelu", dtype=torch.float32, chunk=64,
+                dims=[("D", 32), ("E", 128), ("D_out", 32)])
+    assert kernels.use_triton(torch.device("cuda"), **dims)
+    try:
+        with pytest.warns(RuntimeWarning, match="shared memory"):
+            assert kernels.apply_dual_form(Fallback, *args) == "pytorch path"
+        assert not kernels.use_triton(torch.device("cuda"), **dims)
+        with kernels.memory_kernel("triton"), pytest.raises(OutOfResources):
+            kernels.apply_dual_form(Fallback, *args)
+    finally:
+        kernels._FAILED.clear()
+
+
+# --------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_kernel_matches_pytorch_on_gpu(name):
+    errs = compare(name, "cuda")
+    assert errs["vs_fp32"] < RTOL and errs["vs_fp64"] < _rtol64(name), errs
+
+
+@gpu
+def test_compiled_kernel_issue_shape_on_gpu():
+    """The issue's layer shape (head 64, expansion 4, chunk 64, depth 2), shortened to 4 chunks."""
+    CASES["issue_shape"] = (2, 2, 256, 64, 256, 2, 64, "gelu", "both", torch.bfloat16)
+    try:
+        errs = compare("issue_shape", "cuda")
+    finally:
+        del CASES["issue_shape"]
+    assert errs["vs_fp32"] < 1e-4 and errs["vs_fp64"] < _rtol64("d2_gelu_bf16_inputs"), errs
+    assert _no_grad_matches("cuda") < RTOL
+
+
+def _worker():
+    torch.manual_seed(0)
+    report = {name: compare(name, "cpu") for name in CASES}
+    report["no_grad"] = _no_grad_matches("cpu")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _worker()
