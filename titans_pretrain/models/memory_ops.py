@@ -23,9 +23,8 @@ so that long runs of ``eta`` and ``1 - alpha`` neither under- nor overflow.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
-
 import importlib
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -295,7 +294,7 @@ def memory_chunked(
     if kernels is not None and kernels.use_triton(q.device, depth, activation, dtype, b, dims):
         loop = functools.partial(kernels.apply_dual_form, _DualForm)  # the same computation, fused
     out = loop(activation, depth, *(flat(chunks(x)) for x in (q, k, v)),
-                          *(flat(x) for x in (beta, f, G, beta_end, f_end, m_end, g_end, n_end)), *state_in)
+               *(flat(x) for x in (beta, f, G, beta_end, f_end, m_end, g_end, n_end)), *state_in)
     y = out[0].reshape(B, H, T + pad, -1)[:, :, :T].to(q.dtype)
     final = [t.reshape(B, H, *t.shape[1:]) for t in out[1:]]
     return y, MemoryState(tuple(final[:depth]), tuple(final[depth:]))
