@@ -48,6 +48,11 @@ class ParallelConfig:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    # pipeline: schedule, virtual stages per rank (interleaved_1f1b needs >= 2), and the blocks per
+    # stage (None = balanced by a per-layer cost estimate; else one count per stage, pp*stages_per_rank)
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
+    pp_stages_per_rank: int = 1
+    pp_layers: Optional[list[int]] = None
     zero_stage: int = 2  # deepspeed engine only
     cpu_offload: bool = False  # deepspeed: ZeRO offload of optimizer (and params at stage 3)
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
@@ -340,13 +345,14 @@ def validate(cfg: RunConfig) -> None:
         _positive(p.dp_shard, "parallel.dp_shard")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage}")
-    for key in ("cp", "tp", "pp"):
+    for key in ("cp",):
         if getattr(p, key) > 1:
             raise ConfigError(
                 f"parallel.{key}={getattr(p, key)}: this version of the trainer implements data "
                 f"parallelism only; set parallel.{key}=1 (context/tensor/pipeline parallelism "
                 "come in their own issues)"
             )
+    _validate_tp_pp(cfg)
     if p.engine == "deepspeed":
         if p.dp_replicate != 1:
             raise ConfigError("parallel.dp_replicate > 1 is an FSDP (HSDP) option; with "
@@ -366,6 +372,43 @@ def validate(cfg: RunConfig) -> None:
                           "or set model.head_dim")
     if heads and heads % p.tp:
         raise ConfigError(f"model.n_heads ({heads}) must be divisible by parallel.tp ({p.tp})")
+
+
+def _validate_tp_pp(cfg: RunConfig) -> None:
+    """Tensor/pipeline parallel checks that need no world size (see `resolve_layout` for the rest)."""
+    p, m = cfg.parallel, cfg.model
+    for key in ("tp", "pp"):
+        if getattr(p, key) > 1 and p.engine != "native":
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} needs parallel.engine=native (DeepSpeed "
+                              f"runs data parallel only here); set parallel.engine=native or parallel.{key}=1")
+        if getattr(p, key) > 1 and p.data_parallel == "ddp":
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} composes with FSDP2, not DDP; set "
+                              "parallel.data_parallel=fsdp")
+    if p.tp > 1 and hasattr(m, "resolved_mlp_hidden"):
+        from titans_pretrain.distributed.tensor_parallel import check_tp_model
+
+        try:
+            check_tp_model(m, p.tp, cfg.data.seq_len)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    _positive(p.pp_stages_per_rank, "parallel.pp_stages_per_rank")
+    stages = p.pp * p.pp_stages_per_rank
+    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_stages_per_rank < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2 "
+                          "(virtual stages per rank); set it to 2, or use parallel.pp_schedule=1f1b")
+    if p.pp_schedule != "interleaved_1f1b" and p.pp_stages_per_rank != 1:
+        raise ConfigError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} needs "
+                          "parallel.pp_schedule=interleaved_1f1b (1f1b and gpipe run one stage per rank)")
+    n_layers = getattr(m, "n_layers", None)
+    if p.pp > 1 and n_layers is not None and n_layers < stages:
+        raise ConfigError(f"model.n_layers ({n_layers}) is smaller than the number of pipeline stages "
+                          f"parallel.pp x pp_stages_per_rank = {stages}: every stage needs at least one "
+                          "block; lower parallel.pp (or pp_stages_per_rank)")
+    if p.pp_layers is not None:
+        if len(p.pp_layers) != stages or any(n < 1 for n in p.pp_layers) or (
+                n_layers is not None and sum(p.pp_layers) != n_layers):
+            raise ConfigError(f"parallel.pp_layers={p.pp_layers}: give one count >= 1 per stage "
+                              f"({stages} = pp x pp_stages_per_rank) summing to model.n_layers ({n_layers})")
 
 
 @dataclass(frozen=True)
@@ -410,5 +453,15 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
             f"data-parallel size ({dp}) = {per_step}; make the global batch a multiple of "
             f"{per_step * cfg.data.seq_len} tokens or change the micro batch"
         )
+    accum = seqs // per_step
+    if p.pp > 1 and accum < p.pp:
+        raise ConfigError(
+            f"pipeline parallel runs the {accum} micro-batch(es) of gradient accumulation through "
+            f"{p.pp} stages; it needs at least parallel.pp = {p.pp} micro-batches to fill the pipeline: "
+            f"raise train.global_batch_tokens or lower train.micro_batch_size")
+    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and accum % p.pp:
+        raise ConfigError(f"parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step ({accum}) "
+                          f"to be a multiple of parallel.pp ({p.pp}); change train.global_batch_tokens or "
+                          "train.micro_batch_size")
     return Layout(world_size, p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, dp, t.micro_batch_size,
-                  seqs // per_step, seqs)
+                  accum, seqs)

@@ -1,5 +1,5 @@
-"""Apply parallelism to a single-device model from outside: activation checkpointing, compile,
-then FSDP2 (HSDP when dp_replicate > 1) or DDP. The model code never changes for any of it."""
+"""Apply parallelism to a single-device model from outside: tensor parallel, activation
+checkpointing, compile, then FSDP2 (HSDP when dp_replicate > 1) or DDP. The model code never changes for any of it."""
 from __future__ import annotations
 
 import functools
@@ -26,6 +26,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn.Module:
     """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp)."""
+    if cfg.tp > 1:  # first: AC and FSDP wrap the already split blocks
+        from titans_pretrain.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims.mesh["tp"])
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
+from titans_pretrain.distributed.tensor_parallel import loss_context
 from titans_pretrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -78,27 +79,44 @@ class NativeEngine:
         """The TitansLM (for generation); under FSDP2 its forward is still collective."""
         return unwrap(self.model)
 
+    def named_parameters(self):
+        """(checkpoint name, parameter) of every parameter this rank holds (DTensors when sharded;
+        under pipeline parallelism only this rank's stages)."""
+        return unwrap(self.model).named_parameters()
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def loss_context(self):
+        """Wrap forward AND backward of the loss: vocabulary-parallel cross-entropy under tp > 1."""
+        return loss_context(self.dims.layout.tp)
+
     def forward_loss(self, batch: dict) -> torch.Tensor:
+        """The mean token loss of one micro-batch (a DTensor under tp > 1: call it, and backward,
+        inside :meth:`loss_context`)."""
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         with autocast(self.cfg, self.device):
             return self.model(ids, labels=labels).loss
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
-        """Forward/backward every micro-batch, clip, and step unless the loss or norm is not finite."""
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Accumulate the gradients of the mean loss over ``micro_batches``; return that mean loss
+        (this rank's data only: not yet averaged over data-parallel ranks)."""
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
-        self.model.train()
         for i, batch in enumerate(micro_batches):
             set_grad_sync(self.model, i == n - 1)
-            loss = self.forward_loss(batch)
-            (loss / n).backward()
-            total += loss.detach().float()
-        loss = mean_over_dp(total / n, self.dims)
+            with self.loss_context():
+                loss = self.forward_loss(batch)
+                (loss / n).backward()
+            total += _global_norm(loss.detach()).float()
+        return total / n
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """Forward/backward every micro-batch, clip, and step unless the loss or norm is not finite."""
+        self.model.train()
+        loss = mean_over_dp(self.forward_backward(micro_batches), self.dims)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(norm).item())
@@ -114,7 +132,8 @@ class NativeEngine:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for batch in batches:
-            total += self.forward_loss(batch).float()
+            with self.loss_context():
+                total += _global_norm(self.forward_loss(batch)).float()
             count += 1
         self.model.train()
         return float(mean_over_dp(total / max(1, count), self.dims))
