@@ -69,7 +69,14 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
         self.cfg, self.dims, self.device = cfg, dims, device
-        self.model = parallelize(model, dims, cfg.parallel)
+        self.pipeline = None
+        if dims.layout.pp > 1:  # each rank keeps its stages; tp/ac/FSDP2 are applied per stage
+            from titans_pretrain.distributed.pipeline import Pipeline
+
+            self.pipeline = Pipeline(model, cfg, dims, device)
+            self.model = self.pipeline.model
+        else:
+            self.model = parallelize(model, dims, cfg.parallel)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -103,6 +110,8 @@ class NativeEngine:
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
         """Accumulate the gradients of the mean loss over ``micro_batches``; return that mean loss
         (this rank's data only: not yet averaged over data-parallel ranks)."""
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(micro_batches)
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
@@ -118,7 +127,10 @@ class NativeEngine:
         self.model.train()
         loss = mean_over_dp(self.forward_backward(micro_batches), self.dims)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
+        if self.pipeline is not None:  # the norm spans every stage
+            norm = self.pipeline.grad_norm_(self.params, max_norm)
+        else:
+            norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(norm).item())
         lr = self.lr
         if finite:
@@ -131,6 +143,14 @@ class NativeEngine:
     def evaluate(self, batches) -> float:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
+        if self.pipeline is not None:  # the schedule runs grad_accum micro-batches at a time
+            group, n = [], self.dims.layout.grad_accum
+            for batch in batches:
+                group.append(batch)
+                if len(group) == n:
+                    total += self.pipeline.evaluate(group) * n
+                    count, group = count + n, []
+            batches = []  # a trailing partial group is left out
         for batch in batches:
             with self.loss_context():
                 total += _global_norm(self.forward_loss(batch)).float()
@@ -161,7 +181,11 @@ class NativeEngine:
         self.scheduler.load_state_dict(state)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:
+        """Greedy continuation; None under tensor/pipeline parallelism (generation runs on one
+        device: `load_checkpoint(run_dir).generate(...)`)."""
+        if self.dims.layout.tp > 1 or self.dims.layout.pp > 1:
+            return None
         self.model.eval()
         out = unwrap(self.model).generate(ids, max_new_tokens)
         self.model.train()

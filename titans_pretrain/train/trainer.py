@@ -270,6 +270,10 @@ class Trainer:
         ids = torch.tensor([tok.encode(self.cfg.train.sample_prompt)], device=self.device)
         with torch.no_grad():
             out = self.engine.generate(ids, self.cfg.train.sample_tokens)
+        if out is None:
+            self.log("[sample] skipped: generation runs on one device; sample from "
+                     "titans_pretrain.load_checkpoint(run_dir) instead")
+            return None
         text = self.cfg.train.sample_prompt + tok.decode(out[0].tolist())  # generate returns new tokens
         if self.is_main:
             (self.run_dir / "sample.txt").write_text(text)
