@@ -221,11 +221,27 @@ class Pipeline:
         return self._run(micro_batches, train=True)
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: list[dict]) -> torch.Tensor:
-        loss = self._run(micro_batches, train=False)
+    def evaluate_batches(self, batches: list[dict]) -> torch.Tensor:
+        """Mean loss over ``batches`` (forward only). The schedule splits each call into its
+        ``grad_accum`` micro-batches, so the sequences go through in pieces of a training step's
+        size; a trailing piece that does not split evenly is left out."""
+        ids = torch.cat([b["input_ids"] for b in batches])
+        labels = torch.cat([b["labels"] for b in batches])
+        n, size = self.dims.layout.grad_accum, self.dims.layout.grad_accum * self.dims.layout.micro_batch_size
+        total, count = torch.zeros((), device=self.device), 0
+        for start in range(0, ids.shape[0], size):
+            piece = slice(start, start + size)
+            rows = ids[piece].shape[0]
+            if rows % n:
+                break
+            total += self._run([{"input_ids": ids[piece], "labels": labels[piece]}], train=False) * rows
+            count += rows
         for module in [*self.model.blocks.values(), *self.views]:  # no backward resharded them
             module.reshard()
-        return loss
+        if count == 0:
+            raise ValueError(f"pipeline evaluation needs at least {n} sequences (one per micro-batch); "
+                             "raise train.val_batches")
+        return total / count
 
     def grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip by the global norm over every stage (each rank holds only its stages' gradients)."""

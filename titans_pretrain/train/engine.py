@@ -143,14 +143,10 @@ class NativeEngine:
     def evaluate(self, batches) -> float:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
-        if self.pipeline is not None:  # the schedule runs grad_accum micro-batches at a time
-            group, n = [], self.dims.layout.grad_accum
-            for batch in batches:
-                group.append(batch)
-                if len(group) == n:
-                    total += self.pipeline.evaluate(group) * n
-                    count, group = count + n, []
-            batches = []  # a trailing partial group is left out
+        if self.pipeline is not None:
+            loss = self.pipeline.evaluate_batches(list(batches))
+            self.model.train()
+            return float(mean_over_dp(loss, self.dims))
         for batch in batches:
             with self.loss_context():
                 total += _global_norm(self.forward_loss(batch)).float()

@@ -188,7 +188,7 @@ class Trainer:
         loggers = MetricLoggers(self.cfg, self.run_dir, self.cfg.train.steps, enabled=self.is_main)
         self.log(f"[train] {self.n_params:,} parameters, {self.world} process(es), layout "
                  f"dp={self.layout.dp_size} (replicate {self.layout.dp_replicate} x shard "
-                 f"{self.layout.dp_shard}), grad accumulation {self.layout.grad_accum}, "
+                 f"{self.layout.dp_shard}) x tp={self.layout.tp} x pp={self.layout.pp}, grad accumulation {self.layout.grad_accum}, "
                  f"{self.tokens_per_step:,} tokens/step, engine {self.engine.name}")
         try:
             return self._loop(stop, loggers)
