@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from trainer_workers import CONFIG, full, global_batch, rank_micro_batches
 
@@ -44,7 +45,9 @@ def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2) -> d
         res = engine.train_step(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
         losses.append(res.loss)
         norms.append(res.grad_norm)
-    return {"grads": grads, "losses": losses, "norms": norms, "weights": _named(engine, "weights")}
+    shapes = {n: tuple((p.to_local() if isinstance(p, DTensor) else p).shape) for n, p in engine.named_parameters()}
+    return {"grads": grads, "losses": losses, "norms": norms, "weights": _named(engine, "weights"),
+            "local_shapes": shapes}
 
 
 def layout_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 2) -> dict:

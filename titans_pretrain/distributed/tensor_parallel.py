@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 from torch import nn
@@ -48,6 +49,10 @@ from titans_pretrain.models.norms import RMSNorm
 
 __all__ = ["apply_tensor_parallel", "check_tp_model", "loss_context", "parallelize_block",
            "parallelize_embedding", "parallelize_head"]
+
+# DTensor warns on every 2-D (dp_shard x tp) norm reduction that two collectives run instead of one:
+# true, harmless at these sizes, and one line per step in the training log.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 _MEMORY_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "theta_proj", "eta_proj", "alpha_proj")
 
