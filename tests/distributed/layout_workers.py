@@ -33,8 +33,9 @@ def _named(engine, what: str) -> dict:
     return out
 
 
-def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2) -> dict:
-    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights."""
+def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2, save_dir: str | None = None) -> dict:
+    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights
+    (and, with `save_dir`, a DCP checkpoint there and this rank's part of the full state)."""
     cfg, layout, dims, engine = _engine(world, overrides)
     engine.model.train()
     engine.forward_backward(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
@@ -46,9 +47,27 @@ def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2) -> d
         losses.append(res.loss)
         norms.append(res.grad_norm)
     shapes = {n: tuple((p.to_local() if isinstance(p, DTensor) else p).shape) for n, p in engine.named_parameters()}
-    return {"grads": grads, "losses": losses, "norms": norms, "weights": _named(engine, "weights"),
-            "local_shapes": shapes}
+    out = {"grads": grads, "losses": losses, "norms": norms, "weights": _named(engine, "weights"),
+           "local_shapes": shapes}
+    if save_dir is not None:
+        from trainer_workers import _full_state
+
+        engine.save(Path(save_dir))
+        out["state"] = _full_state(engine)
+    return out
 
 
-def layout_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 2) -> dict:
-    return {name: layout_run(rank, world, overrides, steps) for name, overrides in cases.items()}
+def layout_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 2,
+                 save: dict[str, str] | None = None) -> dict:
+    """Several `layout_run`s in one launch; `save` maps a case name to its checkpoint folder."""
+    save = save or {}
+    return {name: layout_run(rank, world, overrides, steps, save.get(name)) for name, overrides in cases.items()}
+
+
+def load_full_state(rank: int, world: int, overrides: list[str], folder: str) -> dict:
+    """Load a checkpoint of any layout onto this layout; this rank's part of the full state."""
+    from trainer_workers import _full_state
+
+    _, _, _, engine = _engine(world, overrides, seed_offset=world + 7)  # other init: load must overwrite
+    engine.load(Path(folder))
+    return _full_state(engine)
