@@ -40,7 +40,6 @@ def test_save_and_reload_round_trip(tmp_path):
     (["train.deterministic=maybe"], ["train.deterministic", "true or false"]),
     (["model.variant=xyz"], ["variant", "mac"]),
     (["train.global_batch_tokens=100"], ["train.global_batch_tokens", "data.seq_len"]),
-    (["parallel.tp=2"], ["parallel.tp", "parallel.tp=1"]),
     (["parallel.cp=2"], ["parallel.cp"]),
     (["parallel.zero_stage=4"], ["parallel.zero_stage"]),
     (["optim.warmup_steps=50"], ["optim.warmup_steps", "train.steps"]),
