@@ -17,15 +17,26 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The Titans blocks of a TitansLM (a ModuleList) or of a pipeline stage (a ModuleDict)."""
+    blocks = model.blocks
+    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward. Done by replacing the instance's forward (not wrapping
     the module), so parameter names, and with them checkpoints, stay identical."""
-    for block in model.blocks:
+    for block in blocks_of(model):
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn.Module:
-    """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp)."""
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
+                fsdp_roots: list[nn.Module] | None = None, reshard_after_forward: bool | None = None) -> nn.Module:
+    """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp).
+
+    A pipeline stage passes its stage modules as ``fsdp_roots`` (the modules the schedule calls)
+    and keeps its blocks gathered across micro-batches (``reshard_after_forward=False``; None is
+    FSDP2's default: reshard all but the root)."""
     if cfg.tp > 1:  # first: AC and FSDP wrap the already split blocks
         from titans_pretrain.distributed.tensor_parallel import apply_tensor_parallel
 
@@ -33,16 +44,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig) -> nn
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
-        for block in model.blocks:
+        for block in blocks_of(model):
             block.compile()
     if cfg.data_parallel == "ddp":
         device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids,
                                        process_group=dims.dp_mesh.get_group())
     mesh = dims.dp_mesh
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for block in blocks_of(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for root in fsdp_roots or [model]:
+        fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 

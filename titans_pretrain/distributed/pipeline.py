@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
@@ -173,26 +172,11 @@ class Pipeline:
         self.last_rank = dist.get_global_rank(self.group, self.pp - 1)
 
     def _parallelize(self, p) -> None:
-        from titans_pretrain.distributed.parallelize import _checkpointed
+        """tp, activation checkpointing, compile, FSDP2 on this rank's parts, as without a pipeline;
+        each stage module is an FSDP root, blocks stay gathered across micro-batches."""
+        from titans_pretrain.distributed.parallelize import parallelize
 
-        import functools
-
-        if p.tp > 1:
-            from titans_pretrain.distributed.tensor_parallel import apply_tensor_parallel
-
-            apply_tensor_parallel(self.model, self.dims.mesh["tp"])
-        blocks = list(self.model.blocks.values())
-        if p.activation_checkpointing:
-            for block in blocks:
-                block.forward = functools.partial(_checkpointed, block.forward)
-        if p.compile:
-            for block in blocks:
-                block.compile()
-        mesh = self.dims.dp_mesh
-        for block in blocks:  # micro-batches would re-gather each block: keep it gathered
-            fully_shard(block, mesh=mesh, reshard_after_forward=False)
-        for view in self.views:  # the root of its stage: embed / norm / head params
-            fully_shard(view, mesh=mesh, reshard_after_forward=False)
+        parallelize(self.model, self.dims, p, fsdp_roots=self.views, reshard_after_forward=False)
 
     def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
         from titans_pretrain.distributed.tensor_parallel import loss_context
