@@ -114,7 +114,8 @@ def test_four_rank_layouts_match_single_device_and_reshard(tmp_path):
 
 @pytest.mark.slow
 def test_dp_pp_tp_eight_ranks_matches_single_device():
-    cases = {"dp2xpp2xtp2": ["model.variant=mac", "parallel.tp=2", "parallel.pp=2"]}
+    cases = {"dp2xpp2xtp2+ac": ["model.variant=mac", "parallel.tp=2", "parallel.pp=2",
+                                "parallel.activation_checkpointing=true"]}
     cases = _cases(cases)
     ranks = spawn_ranks(layout_cases, 8, cases)
     _check_layout(ranks, cases, _refs(cases))
