@@ -90,10 +90,12 @@ def test_pipeline_schedules_match_single_device():
 
 
 def test_four_rank_layouts_match_single_device_and_reshard(tmp_path):
-    """DP x TP (FSDP2 over dp_shard=2, tp=2) and TP x PP (tp=2, pp=2, interleaved). The TP x PP
+    """DP x TP (FSDP2 over dp_shard=2, tp=2; HSDP dp_replicate=2 x tp=2) and TP x PP (tp=2, pp=2,
+    interleaved). The TP x PP
     model and optimizer state, saved by 4 ranks, loads exactly onto 1 process (tp=1, pp=1)."""
     cases = {
         "dp2xtp2": ["model.variant=mac", "parallel.tp=2"],
+        "hsdp2xtp2": ["model.variant=lmm", "parallel.tp=2", "parallel.dp_replicate=2"],
         "tp2xpp2": ["model.variant=mag", "model.n_layers=4", "parallel.tp=2", "parallel.pp=2",
                     "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"],
     }
