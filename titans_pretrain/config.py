@@ -49,6 +49,11 @@ class ParallelConfig:
     cp_microbatches: int = 1  # cp: pieces of the batch per block hand-off (shortens the wavefront fill)
     tp: int = 1
     pp: int = 1
+    # pipeline: schedule, virtual stages per rank (interleaved_1f1b needs >= 2), and the blocks per
+    # stage (None = balanced by a per-layer cost estimate; else one count per stage, pp*stages_per_rank)
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
+    pp_stages_per_rank: int = 1
+    pp_layers: Optional[list[int]] = None
     zero_stage: int = 2  # deepspeed engine only
     cpu_offload: bool = False  # deepspeed: ZeRO offload of optimizer (and params at stage 3)
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
@@ -342,15 +347,9 @@ def validate(cfg: RunConfig) -> None:
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage}")
     _positive(p.cp_microbatches, "parallel.cp_microbatches")
-    for key in ("tp", "pp"):
-        if getattr(p, key) > 1:
-            raise ConfigError(
-                f"parallel.{key}={getattr(p, key)}: this version of the trainer implements data and "
-                f"context parallelism only; set parallel.{key}=1 (tensor/pipeline parallelism come "
-                "in their own issue)"
-            )
     if p.cp > 1:
         _validate_context_parallel(cfg)
+    _validate_tp_pp(cfg)
     if p.engine == "deepspeed":
         if p.dp_replicate != 1:
             raise ConfigError("parallel.dp_replicate > 1 is an FSDP (HSDP) option; with "
@@ -380,6 +379,9 @@ def _validate_context_parallel(cfg: RunConfig) -> None:
     if p.compile:
         raise ConfigError(f"parallel.cp={p.cp} with parallel.compile=true is not supported yet (the state "
                           "relay is not traced); set parallel.compile=false")
+    if p.pp > 1:
+        raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp} is not supported yet (the relay "
+                          "inside pipeline stages is untested); use cp with dp and tp, or set parallel.cp=1")
     if cfg.train.micro_batch_size % p.cp_microbatches:
         raise ConfigError(f"parallel.cp_microbatches ({p.cp_microbatches}) must divide train.micro_batch_size "
                           f"({cfg.train.micro_batch_size})")
@@ -391,6 +393,43 @@ def _validate_context_parallel(cfg: RunConfig) -> None:
             check_cp_layout(cfg.data.seq_len, p.cp, unit, m.variant)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _validate_tp_pp(cfg: RunConfig) -> None:
+    """Tensor/pipeline parallel checks that need no world size (see `resolve_layout` for the rest)."""
+    p, m = cfg.parallel, cfg.model
+    for key in ("tp", "pp"):
+        if getattr(p, key) > 1 and p.engine != "native":
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} needs parallel.engine=native (DeepSpeed "
+                              f"runs data parallel only here); set parallel.engine=native or parallel.{key}=1")
+        if getattr(p, key) > 1 and p.data_parallel == "ddp":
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} composes with FSDP2, not DDP; set "
+                              "parallel.data_parallel=fsdp")
+    if p.tp > 1 and hasattr(m, "resolved_mlp_hidden"):
+        from titans_pretrain.distributed.tensor_parallel import check_tp_model
+
+        try:
+            check_tp_model(m, p.tp, cfg.data.seq_len)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    _positive(p.pp_stages_per_rank, "parallel.pp_stages_per_rank")
+    stages = p.pp * p.pp_stages_per_rank
+    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_stages_per_rank < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2 "
+                          "(virtual stages per rank); set it to 2, or use parallel.pp_schedule=1f1b")
+    if p.pp_schedule != "interleaved_1f1b" and p.pp_stages_per_rank != 1:
+        raise ConfigError(f"parallel.pp_stages_per_rank={p.pp_stages_per_rank} needs "
+                          "parallel.pp_schedule=interleaved_1f1b (1f1b and gpipe run one stage per rank)")
+    n_layers = getattr(m, "n_layers", None)
+    if p.pp > 1 and n_layers is not None and n_layers < stages:
+        raise ConfigError(f"model.n_layers ({n_layers}) is smaller than the number of pipeline stages "
+                          f"parallel.pp x pp_stages_per_rank = {stages}: every stage needs at least one "
+                          "block; lower parallel.pp (or pp_stages_per_rank)")
+    if p.pp_layers is not None:
+        if len(p.pp_layers) != stages or any(n < 1 for n in p.pp_layers) or (
+                n_layers is not None and sum(p.pp_layers) != n_layers):
+            raise ConfigError(f"parallel.pp_layers={p.pp_layers}: give one count >= 1 per stage "
+                              f"({stages} = pp x pp_stages_per_rank) summing to model.n_layers ({n_layers})")
 
 
 @dataclass(frozen=True)
@@ -435,5 +474,15 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> Layout:
             f"data-parallel size ({dp}) = {per_step}; make the global batch a multiple of "
             f"{per_step * cfg.data.seq_len} tokens or change the micro batch"
         )
+    accum = seqs // per_step
+    if p.pp > 1 and accum < p.pp:
+        raise ConfigError(
+            f"pipeline parallel runs the {accum} micro-batch(es) of gradient accumulation through "
+            f"{p.pp} stages; it needs at least parallel.pp = {p.pp} micro-batches to fill the pipeline: "
+            f"raise train.global_batch_tokens or lower train.micro_batch_size")
+    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and accum % p.pp:
+        raise ConfigError(f"parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step ({accum}) "
+                          f"to be a multiple of parallel.pp ({p.pp}); change train.global_batch_tokens or "
+                          "train.micro_batch_size")
     return Layout(world_size, p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, dp, t.micro_batch_size,
-                  seqs // per_step, seqs)
+                  accum, seqs)

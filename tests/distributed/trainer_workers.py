@@ -42,7 +42,7 @@ def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> d
     seed_everything(cfg.train.seed)
     engine = NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
     micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
-    engine.accumulate_gradients(micro)  # gradients of the mean loss over the global batch, no step
+    engine.forward_backward(micro)  # gradients of the mean loss over the global batch, no step
     grads = {n: full(p.grad) for n, p in unwrap(engine.model).named_parameters()}
     engine.optimizer.zero_grad(set_to_none=True)
     losses, norms = [], []

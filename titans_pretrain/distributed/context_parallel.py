@@ -303,7 +303,9 @@ def check_cp_layout(seq_len: int, cp: int, unit: int, variant: str) -> None:
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
     """Relay every block's state through ``cp`` in training calls (``block(x)``)."""
-    for index, block in enumerate(model.blocks):
+    from titans_pretrain.distributed.parallelize import blocks_of
+
+    for index, block in enumerate(blocks_of(model)):
         block.forward = _RelayedForward(block.forward, index, cp)
 
 

@@ -1,8 +1,8 @@
-"""Apply parallelism to a single-device model from outside: activation checkpointing, the
-context-parallel state relay, compile, then FSDP2 (HSDP when dp_replicate > 1) or DDP over the
-data-parallel dims only (the cp ranks of a group hold the same parameters; their gradients are
-summed by the engine after backward, so no per-block collective couples the cp wavefront). The
-model code never changes for any of it."""
+"""Apply parallelism to a single-device model from outside, in this order: tensor parallel,
+activation checkpointing, the context-parallel state relay, compile, then FSDP2 (HSDP when
+dp_replicate > 1) or DDP over the data-parallel dims only (the cp ranks of a group hold the same
+parameters; their gradients are summed by the engine after backward, so no per-block collective
+couples the cp wavefront). The model code never changes for any of it."""
 from __future__ import annotations
 
 import functools
@@ -21,24 +21,39 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The Titans blocks of a TitansLM (a ModuleList) or of a pipeline stage (a ModuleDict)."""
+    blocks = model.blocks
+    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward. Done by replacing the instance's forward (not wrapping
     the module), so parameter names, and with them checkpoints, stay identical."""
-    for block in model.blocks:
+    for block in blocks_of(model):
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
-                cp: ContextParallel | None = None) -> nn.Module:
-    """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp). With
-    activation checkpointing and ``cp``, a block's slice is recomputed in backward from its
-    received entry state (the relay stays outside the recomputed region)."""
+                cp: ContextParallel | None = None, fsdp_roots: list[nn.Module] | None = None,
+                reshard_after_forward: bool | None = None) -> nn.Module:
+    """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp).
+
+    With activation checkpointing and ``cp``, a block's slice is recomputed in backward from its
+    received entry state (the relay stays outside the recomputed region). A pipeline stage passes
+    its stage modules as ``fsdp_roots`` (the modules the schedule calls) and keeps its blocks
+    gathered across micro-batches (``reshard_after_forward=False``; None is FSDP2's default:
+    reshard all but the root)."""
+    if cfg.tp > 1:  # first: AC and FSDP wrap the already split blocks
+        from titans_pretrain.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims.mesh["tp"])
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cp is not None:
         apply_context_parallel(model, cp)
     if cfg.compile:
-        for block in model.blocks:
+        for block in blocks_of(model):
             block.compile()
     if cfg.data_parallel == "ddp":
         device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
@@ -46,9 +61,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         return DistributedDataParallel(model, device_ids=device_ids, process_group=dims.dp_mesh.get_group(),
                                        find_unused_parameters=cp is not None)
     mesh = dims.dp_mesh
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for block in blocks_of(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for root in fsdp_roots or [model]:
+        fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 

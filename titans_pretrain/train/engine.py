@@ -22,6 +22,7 @@ from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.context_parallel import ContextParallel
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
+from titans_pretrain.distributed.tensor_parallel import loss_context
 from titans_pretrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -74,7 +75,14 @@ class NativeEngine:
         self.cp_idle: float | None = None
         self.cp = (ContextParallel(dims.mesh["cp"].get_group(), cfg.parallel.cp_microbatches)
                    if dims.layout.cp > 1 else None)
-        self.model = parallelize(model, dims, cfg.parallel, self.cp)
+        self.pipeline = None
+        if dims.layout.pp > 1:  # each rank keeps its stages; tp/ac/cp/FSDP2 are applied per stage
+            from titans_pretrain.distributed.pipeline import Pipeline
+
+            self.pipeline = Pipeline(model, cfg, dims, device)
+            self.model = self.pipeline.model
+        else:
+            self.model = parallelize(model, dims, cfg.parallel, self.cp)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -84,13 +92,23 @@ class NativeEngine:
         """The TitansLM (for generation); under FSDP2 its forward is still collective."""
         return unwrap(self.model)
 
+    def named_parameters(self):
+        """(checkpoint name, parameter) of every parameter this rank holds (DTensors when sharded;
+        under pipeline parallelism only this rank's stages)."""
+        return unwrap(self.model).named_parameters()
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def loss_context(self):
+        """Wrap forward AND backward of the loss: vocabulary-parallel cross-entropy under tp > 1."""
+        return loss_context(self.dims.layout.tp)
+
     def forward_loss(self, batch: dict) -> torch.Tensor:
         """The micro-batch's mean token loss; under context parallelism this rank's share of it
-        (the sum over the cp group is the mean over the whole sequences)."""
+        (the sum over the cp group is the mean over the whole sequences). A DTensor under tp > 1:
+        call it, and backward, inside :meth:`loss_context`."""
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         if self.cp is not None:
@@ -105,29 +123,37 @@ class NativeEngine:
         """Sum the cp ranks' shares back into the loss of the whole sequences."""
         return local if self.cp is None else self.cp.sum_over_group(local)
 
-    def accumulate_gradients(self, micro_batches: list[dict]) -> torch.Tensor:
-        """Forward/backward every micro-batch: the gradients of the mean loss over the global batch
-        end up in ``.grad`` (reduced over data- and context-parallel ranks). Returns the loss."""
-        n = len(micro_batches)
-        total = torch.zeros((), device=self.device)
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Accumulate the gradients of the mean loss over the global batch in ``.grad`` (reduced
+        over data- and context-parallel ranks); return that loss."""
         self.model.train()
         start = time.perf_counter()
-        for i, batch in enumerate(micro_batches):
-            set_grad_sync(self.model, i == n - 1)
-            loss = self.forward_loss(batch)
-            (loss / n).backward()
-            total += loss.detach().float()
+        if self.pipeline is not None:
+            local = self.pipeline.forward_backward(micro_batches)
+        else:
+            n = len(micro_batches)
+            total = torch.zeros((), device=self.device)
+            for i, batch in enumerate(micro_batches):
+                set_grad_sync(self.model, i == n - 1)
+                with self.loss_context():
+                    loss = self.forward_loss(batch)
+                    (loss / n).backward()
+                total += _global_norm(loss.detach()).float()
+            local = total / n
         if self.cp is not None:
             self.cp.flush()
             self.cp.sync_gradients(self.params)
             self.cp_idle = self.cp.idle_fraction(time.perf_counter() - start)
-        return mean_over_dp(self._sequence_loss(total) / n, self.dims)
+        return mean_over_dp(self._sequence_loss(local), self.dims)
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         """Accumulate gradients, clip, and step unless the loss or norm is not finite."""
-        loss = self.accumulate_gradients(micro_batches)
+        loss = self.forward_backward(micro_batches)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
+        if self.pipeline is not None:  # the norm spans every stage
+            norm = self.pipeline.grad_norm_(self.params, max_norm)
+        else:
+            norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(norm).item())
         lr = self.lr
         if finite:
@@ -140,8 +166,13 @@ class NativeEngine:
     def evaluate(self, batches) -> float:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
+        if self.pipeline is not None:
+            loss = self.pipeline.evaluate_batches(list(batches))
+            self.model.train()
+            return float(mean_over_dp(loss, self.dims))
         for batch in batches:
-            total += self.forward_loss(batch).float()
+            with self.loss_context():
+                total += _global_norm(self.forward_loss(batch)).float()
             count += 1
         if self.cp is not None:
             self.cp.flush()
@@ -171,7 +202,11 @@ class NativeEngine:
         self.scheduler.load_state_dict(state)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:
+        """Greedy continuation; None under tensor/pipeline parallelism (generation runs on one
+        device: `load_checkpoint(run_dir).generate(...)`)."""
+        if self.dims.layout.tp > 1 or self.dims.layout.pp > 1:
+            return None
         self.model.eval()
         out = unwrap(self.model).generate(ids, max_new_tokens)
         self.model.train()

@@ -188,7 +188,8 @@ class Trainer:
         loggers = MetricLoggers(self.cfg, self.run_dir, self.cfg.train.steps, enabled=self.is_main)
         self.log(f"[train] {self.n_params:,} parameters, {self.world} process(es), layout "
                  f"dp={self.layout.dp_size} (replicate {self.layout.dp_replicate} x shard "
-                 f"{self.layout.dp_shard}), cp={self.layout.cp}, grad accumulation {self.layout.grad_accum}, "
+                 f"{self.layout.dp_shard}) x cp={self.layout.cp} x tp={self.layout.tp} x pp={self.layout.pp}, "
+                 f"grad accumulation {self.layout.grad_accum}, "
                  f"{self.tokens_per_step:,} tokens/step, engine {self.engine.name}")
         try:
             return self._loop(stop, loggers)
@@ -271,6 +272,10 @@ class Trainer:
         ids = torch.tensor([tok.encode(self.cfg.train.sample_prompt)], device=self.device)
         with torch.no_grad():
             out = self.engine.generate(ids, self.cfg.train.sample_tokens)
+        if out is None:
+            self.log("[sample] skipped: generation runs on one device; sample from "
+                     "titans_pretrain.load_checkpoint(run_dir) instead")
+            return None
         text = self.cfg.train.sample_prompt + tok.decode(out[0].tolist())  # generate returns new tokens
         if self.is_main:
             (self.run_dir / "sample.txt").write_text(text)

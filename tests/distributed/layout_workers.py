@@ -1,0 +1,73 @@
+"""Rank functions for the tensor/pipeline-parallel layout tests (importable by spawned ranks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from trainer_workers import CONFIG, full, global_batch, rank_micro_batches
+
+
+def _engine(world: int, overrides: list[str], seed_offset: int = 0):
+    from titans_pretrain.config import load_config, resolve_layout
+    from titans_pretrain.distributed.mesh import build_mesh
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.engine import NativeEngine
+    from titans_pretrain.train.trainer import seed_everything
+
+    cfg = load_config(CONFIG, overrides)
+    layout = resolve_layout(cfg, world)
+    dims = build_mesh(layout, torch.device("cpu"))
+    seed_everything(cfg.train.seed + seed_offset)
+    return cfg, layout, dims, NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+
+
+def _named(engine, what: str) -> dict:
+    """Full tensors by checkpoint name of every parameter this rank holds (grads or weights)."""
+    out = {}
+    for name, p in engine.named_parameters():
+        t = p.grad if what == "grads" else p
+        if t is not None:
+            out[name] = full(t)
+    return out
+
+
+def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2, save_dir: str | None = None) -> dict:
+    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights
+    (and, with `save_dir`, a DCP checkpoint there and this rank's part of the full state)."""
+    cfg, layout, dims, engine = _engine(world, overrides)
+    engine.model.train()
+    engine.forward_backward(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
+    grads = _named(engine, "grads")
+    engine.optimizer.zero_grad(set_to_none=True)
+    losses, norms = [], []
+    for _ in range(steps):
+        res = engine.train_step(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
+        losses.append(res.loss)
+        norms.append(res.grad_norm)
+    shapes = {n: tuple((p.to_local() if isinstance(p, DTensor) else p).shape) for n, p in engine.named_parameters()}
+    out = {"grads": grads, "losses": losses, "norms": norms, "weights": _named(engine, "weights"),
+           "local_shapes": shapes}
+    if save_dir is not None:
+        from trainer_workers import _full_state
+
+        engine.save(Path(save_dir))
+        out["state"] = _full_state(engine)
+    return out
+
+
+def layout_cases(rank: int, world: int, cases: dict[str, list[str]], steps: int = 2,
+                 save: dict[str, str] | None = None) -> dict:
+    """Several `layout_run`s in one launch; `save` maps a case name to its checkpoint folder."""
+    save = save or {}
+    return {name: layout_run(rank, world, overrides, steps, save.get(name)) for name, overrides in cases.items()}
+
+
+def load_full_state(rank: int, world: int, overrides: list[str], folder: str) -> dict:
+    """Load a checkpoint of any layout onto this layout; this rank's part of the full state."""
+    from trainer_workers import _full_state
+
+    _, _, _, engine = _engine(world, overrides, seed_offset=world + 7)  # other init: load must overwrite
+    engine.load(Path(folder))
+    return _full_state(engine)
