@@ -20,6 +20,11 @@ EXIT_DIVERGED = 3
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+# The last stop signal this process received (None: none yet). The Slurm launcher reads it after
+# `train` returns EXIT_PREEMPTED: SIGUSR1 is the time-limit warning (the job requeues itself),
+# SIGTERM is preemption, `scontrol requeue` or `scancel` (Slurm decides what follows).
+last_received: int | None = None
+
 
 class StopRequest:
     """Installs the handlers on construction; `should_stop()` is collective."""
@@ -31,7 +36,8 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        global last_received
+        self.received = last_received = signum
 
     def should_stop(self, device: torch.device) -> bool:
         flag = torch.tensor([1 if self.received is not None else 0], device=device)
