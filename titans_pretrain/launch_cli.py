@@ -13,11 +13,13 @@ import sys
 from titans_pretrain.config import ConfigError
 
 
-def _key_value(text: str) -> tuple[str, str]:
+def _key_value(text: str) -> tuple[str, str | bool]:
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--sbatch wants KEY=VALUE (e.g. mail-type=END), got {text!r}")
-    return key.lstrip("-"), value
+    key = key.lstrip("-")
+    if not key:
+        raise argparse.ArgumentTypeError(f"--sbatch wants KEY=VALUE or a flag KEY (e.g. mail-type=END, "
+                                         f"oversubscribe), got {text!r}")
+    return key, value if sep else True
 
 
 def _options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -40,8 +42,8 @@ def _options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--exclusive", action="store_true", default=d(False))
     g.add_argument("--job-name", default=d(None))
     g.add_argument("--dependency", default=d(None), help="e.g. afterok:1234")
-    g.add_argument("--sbatch", type=_key_value, action="append", default=d([]), metavar="KEY=VALUE",
-                   help="any other sbatch option (repeatable), e.g. --sbatch mail-type=END")
+    g.add_argument("--sbatch", type=_key_value, action="append", default=d([]), metavar="KEY[=VALUE]",
+                   help="any other sbatch option (repeatable): --sbatch mail-type=END, --sbatch oversubscribe")
     r = p.add_argument_group("preemption and environment")
     r.add_argument("--signal", default=d("USR1@120"),
                    help="USR1@SECONDS: checkpoint this long before the time limit, then requeue")

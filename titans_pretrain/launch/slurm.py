@@ -56,7 +56,7 @@ class SlurmOptions:
     signal: str = DEFAULT_SIGNAL  # USR1@SECONDS before the time limit
     max_requeues: int = 20  # time-limit requeues before giving up (SLURM_RESTART_COUNT)
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, ...)
-    sbatch: dict[str, str] = field(default_factory=dict)  # any other sbatch option
+    sbatch: dict[str, str | bool] = field(default_factory=dict)  # other sbatch options (True: a flag)
     python: str | None = None  # command that runs python on the nodes (e.g. `apptainer exec ...`)
 
     @property
@@ -223,12 +223,16 @@ class SlurmTrainTask:
                   flush=True)
             _append_event(Path(self.run_dir), event="not_requeued", job_id=job_id, restarts=restarts)
             return
-        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-        ok = proc.returncode == 0
+        # its own session: the requeue terminates this job's processes, possibly before scontrol
+        # has returned; killed by a signal then means the controller took the request
+        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                              start_new_session=True)
+        ok = proc.returncode == 0 or proc.returncode < 0
+        error = None if ok else f"exit {proc.returncode}: {proc.stderr.strip()}"
         print(f"[slurm] time limit near, checkpoint saved; scontrol requeue {job_id}: "
-              f"{'done' if ok else 'FAILED: ' + proc.stderr.strip()}", flush=True)
+              f"{'done' if ok else 'FAILED, ' + error}", flush=True)
         _append_event(Path(self.run_dir), event="requeue" if ok else "requeue_failed", job_id=job_id,
-                      restarts=restarts, error=None if ok else proc.stderr.strip())
+                      restarts=restarts, error=error)
 
 
 def submit(opts: SlurmOptions, config: str, overrides: list[str], *, dry_run: bool = False,

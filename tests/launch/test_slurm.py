@@ -1,0 +1,84 @@
+"""`launch slurm` without a cluster: the sbatch script of --dry-run, option checks, time formats."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from titans_pretrain import cli
+from titans_pretrain.config import ConfigError
+from titans_pretrain.launch.slurm import SlurmOptions, signal_delay, time_minutes
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+def launch(monkeypatch, capsys, *argv):
+    argv = ["launch", "slurm", *argv]
+    monkeypatch.setattr(sys, "argv", ["titans-pretrain", *argv])  # cli.main rewrites sys.argv
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_dry_run_prints_the_sbatch_script_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = launch(
+        monkeypatch, capsys, DEBUG, "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
+        "--time", "1-02:30:00", "--account", "proj", "--qos", "high", "--cpus-per-task", "8",
+        "--mem", "200G", "--constraint", "h100", "--exclusive", "--job-name", "mac",
+        "--dependency", "afterok:12", "--setup", "module load cuda", "--sbatch", "mail-type=END",
+        f"run_dir={run_dir}", "--dry-run", "train.global_batch_tokens=1024",  # options after overrides too
+        "--signal", "USR1@300", "--python", "apptainer exec --nv t.sif python")
+    assert code == 0, err
+    lines = set(out.splitlines())
+    for flag in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--partition=gpu",
+                 "--time=1590", "--account=proj", "--qos=high", "--cpus-per-task=8", "--mem=200G",
+                 "--constraint=h100", "--exclusive", "--job-name=mac", "--dependency=afterok:12",
+                 "--mail-type=END", "--signal=USR1@300", "--requeue", "--open-mode=append",
+                 f"--chdir={Path.cwd()}", f"--output={run_dir}/slurm/%j_0_log.out"):
+        assert f"#SBATCH {flag}" in lines, (flag, out)
+    assert sum(line.startswith("#SBATCH --signal") for line in lines) == 1  # submitit's USR2 replaced
+    assert "module load cuda" in lines
+    srun = [line for line in lines if line.startswith("srun ")]
+    assert len(srun) == 1 and f"--output {run_dir}/slurm/%j_%t_log.out" in srun[0]  # per-rank logs
+    assert srun[0].endswith(f"apptainer exec --nv t.sif python -u -m submitit.core._submit {run_dir}/slurm")
+    assert not run_dir.exists()
+
+
+def test_cpu_tasks_and_defaults(monkeypatch, capsys, tmp_path):
+    code, out, err = launch(monkeypatch, capsys, "--dry-run", "--ntasks-per-node", "2", DEBUG,
+                            f"run_dir={tmp_path}/r")
+    assert code == 0, err
+    lines = set(out.splitlines())
+    assert {"#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --time=60",
+            "#SBATCH --signal=USR1@120", "#SBATCH --job-name=titans-r"} <= lines, out
+    assert not any("gpus" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-node", "4", "--ntasks-per-node", "2"], "one task per GPU"),
+    (["--time", "soon"], "not a Slurm time"),
+    (["--signal", "TERM@60"], "USR1@SECONDS"),
+    (["--nodes", "0"], "--nodes must be >= 1"),
+    (["--ntasks-per-node", "3"], "data-parallel size"),  # 8 sequences per step on 3 ranks
+    (["model.colour=red"], "model.colour"),
+])
+def test_bad_options_fail_before_submitting(monkeypatch, capsys, tmp_path, argv, message):
+    code, out, err = launch(monkeypatch, capsys, "--dry-run", DEBUG, f"run_dir={tmp_path}/r", *argv)
+    assert code == 2 and message in err, err
+    assert "config error" in err
+
+
+def test_submitting_without_slurm_says_how(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch
+    code, out, err = launch(monkeypatch, capsys, DEBUG, f"run_dir={tmp_path}/r")
+    assert code == 2 and "login node" in err and "--dry-run" in err, err
+
+
+def test_time_formats():
+    assert [time_minutes(t) for t in ("30", "90:30", "2:00:00", "1-0", "1-2:30", "0-0:0:1")] == \
+        [30, 91, 120, 1440, 1590, 1]
+    assert signal_delay("USR1@90") == signal_delay("SIGUSR1@90") == 90
+    with pytest.raises(ConfigError, match="positive"):
+        time_minutes("0")
+    assert SlurmOptions(gpus_per_node=8, nodes=4).world_size == 32
