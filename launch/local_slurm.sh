@@ -79,8 +79,7 @@ EOF
 }
 
 wait_idle() {
-    local i
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         if sinfo -h -N -o "%T" 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
             return 0
         fi
@@ -114,12 +113,12 @@ start() {
 }
 
 stop_pid() {  # stop_pid NAME: SIGTERM the PID in $STATE/NAME.pid, wait, SIGKILL if needed
-    local file="$STATE/$1.pid" pid i
+    local file="$STATE/$1.pid" pid
     [ -f "$file" ] || return 0
     pid=$(cat "$file")
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         kill "$pid"
-        for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
     fi
     rm -f "$file"
