@@ -42,7 +42,8 @@ install slurmctld slurmd slurm-client munge by hand"
 
 write_conf() {
     local cpus mem_mb
-    cpus=$(nproc)
+    # not plain nproc: it reports OMP_NUM_THREADS when that is set (test runners set it to 1)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # RealMemory in MB, 90% of the total so that slurmd never reports less than configured
     mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
     mkdir -p /etc/slurm

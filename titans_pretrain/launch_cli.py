@@ -60,7 +60,8 @@ def _options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="backend", metavar="BACKEND", required=True)
     p = sub.add_parser("slurm", help="submit to Slurm through submitit",
-                       description=__doc__.strip().splitlines()[0])
+                       description="Submit `train` to Slurm through submitit: one task per GPU, "
+                       "checkpoint + requeue + resume on preemption or time limit (docs/slurm.md).")
     p.add_argument("config", help="YAML run config (see configs/)")
     # REMAINDER: options may also follow the overrides (sorted out in `run`)
     p.add_argument("overrides", nargs=argparse.REMAINDER,

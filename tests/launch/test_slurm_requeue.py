@@ -42,8 +42,10 @@ def _wait(what: str, check, logs: Path, timeout: float = 90):
         if value:
             return value
         time.sleep(0.2)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*")) if p.is_file())
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+    queue = subprocess.run(["squeue", "-o", "%i %T %r"], capture_output=True, text=True).stdout
+    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+                      for p in sorted(logs.glob("*")) if p.suffix in (".out", ".err", ".jsonl"))
+    raise AssertionError(f"timed out waiting for {what}\nsqueue:\n{queue}\n{tails}")
 
 
 def _requeued(job: str, run: Path) -> int:
