@@ -91,7 +91,8 @@ wait_idle() {
 
 start() {
     need_root
-    if sinfo -h >/dev/null 2>&1 && sinfo -h -N -o "%T" | grep -qE '^(idle|mixed|allocated)'; then
+    if sinfo -h >/dev/null 2>&1; then  # a controller answers: start nothing beside it
+        wait_idle
         echo running
         return 0
     fi

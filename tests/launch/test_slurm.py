@@ -82,3 +82,22 @@ def test_time_formats():
     with pytest.raises(ConfigError, match="positive"):
         time_minutes("0")
     assert SlurmOptions(gpus_per_node=8, nodes=4).world_size == 32
+
+
+def test_what_follows_a_stop(tmp_path, monkeypatch):
+    """Only the time-limit signal requeues, at most max_requeues times; failures are recorded."""
+    import json
+    import signal
+
+    from titans_pretrain.launch.slurm import SlurmTrainTask
+
+    task = SlurmTrainTask(DEBUG, [], str(tmp_path), max_requeues=2)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: a requeue attempt fails visibly
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    task._after_stop(signal.SIGTERM, "7")  # preemption / scancel / scontrol requeue: Slurm decides
+    task._after_stop(signal.SIGUSR1, "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    task._after_stop(signal.SIGUSR1, "7")
+    events = [json.loads(x) for x in (tmp_path / "slurm" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["stopped", "requeue_failed", "not_requeued"]
+    assert events[0]["signal"] == "SIGTERM" and "scontrol not found" in events[1]["error"]

@@ -225,10 +225,13 @@ class SlurmTrainTask:
             return
         # its own session: the requeue terminates this job's processes, possibly before scontrol
         # has returned; killed by a signal then means the controller took the request
-        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                              start_new_session=True)
-        ok = proc.returncode == 0 or proc.returncode < 0
-        error = None if ok else f"exit {proc.returncode}: {proc.stderr.strip()}"
+        try:
+            proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                                  start_new_session=True)
+            ok = proc.returncode == 0 or proc.returncode < 0
+            error = None if ok else f"exit {proc.returncode}: {proc.stderr.strip()}"
+        except FileNotFoundError:
+            ok, error = False, "scontrol not found on PATH"
         print(f"[slurm] time limit near, checkpoint saved; scontrol requeue {job_id}: "
               f"{'done' if ok else 'FAILED, ' + error}", flush=True)
         _append_event(Path(self.run_dir), event="requeue" if ok else "requeue_failed", job_id=job_id,
