@@ -60,6 +60,7 @@ def test_cpu_tasks_and_defaults(monkeypatch, capsys, tmp_path):
     (["--time", "soon"], "not a Slurm time"),
     (["--signal", "TERM@60"], "USR1@SECONDS"),
     (["--nodes", "0"], "--nodes must be >= 1"),
+    (["--time", "2", "--signal", "USR1@120"], "comes before the job has started"),
     (["--ntasks-per-node", "3"], "data-parallel size"),  # 8 sequences per step on 3 ranks
     (["model.colour=red"], "model.colour"),
 ])
@@ -101,3 +102,25 @@ def test_what_follows_a_stop(tmp_path, monkeypatch):
     events = [json.loads(x) for x in (tmp_path / "slurm" / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["stopped", "requeue_failed", "not_requeued"]
     assert events[0]["signal"] == "SIGTERM" and "scontrol not found" in events[1]["error"]
+
+
+def test_a_signal_before_the_trainer_starts_is_kept_for_it():
+    """Slurm may signal while the ranks still import torch: `catch_early` (first thing in every
+    Slurm task) holds the signal and the trainer's StopRequest starts out stopped with it."""
+    import os
+    import signal
+
+    from titans_pretrain.train import signals
+
+    saved = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        signals.catch_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # would kill the process without catch_early
+        stop = signals.StopRequest()
+        assert stop.received == signal.SIGUSR1 == signals.last_received
+        stop.restore()
+        assert signals.StopRequest().received is None  # held once, for the first StopRequest only
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        signals.last_received = None

@@ -80,8 +80,10 @@ class SlurmOptions:
             raise ConfigError(f"--ntasks-per-node {self.ntasks_per_node} with --gpus-per-node "
                               f"{self.gpus_per_node}: the launcher runs one task per GPU; drop "
                               f"--ntasks-per-node")
-        time_minutes(self.time)
-        signal_delay(self.signal)
+        if signal_delay(self.signal) >= 60 * time_minutes(self.time):
+            raise ConfigError(f"--signal {self.signal} comes before the job has started (--time "
+                              f"{self.time}): the delay must leave time to train; lower it or "
+                              f"raise --time")
 
 
 def time_minutes(value: str) -> int:
@@ -179,9 +181,11 @@ class SlurmTrainTask:
     max_requeues: int
 
     def __call__(self) -> int:
+        from titans_pretrain.train import signals
+
+        signals.catch_early()  # before torch is imported: a signal now must not kill the rank
         from titans_pretrain.config import load_config
         from titans_pretrain.distributed.mesh import _env_from_slurm
-        from titans_pretrain.train import signals
         from titans_pretrain.train.trainer import train
 
         _env_from_slurm()
