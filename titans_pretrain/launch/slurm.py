@@ -200,6 +200,11 @@ class SlurmTrainTask:
         try:
             code = train(cfg)
         finally:
+            # Done (or saved): a stop signal from now on has nothing left to save. Ignored rather
+            # than handled, because Python resets its handlers to the default (die) while it shuts
+            # down, and a time-limit USR1 then would mark a finished job FAILED.
+            for sig in signals.STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
             import torch.distributed as dist
 
             if dist.is_initialized():
