@@ -1,7 +1,8 @@
 """On a real (local, one-node) Slurm: a 2-task training submitted through `launch slurm` is stopped
 twice mid-run, by the time-limit warning (USR1: the job requeues itself) and by `scontrol requeue`
 (SIGTERM: Slurm requeues), resumes each time from its checkpoint, and ends with the same losses,
-bit for bit, as an uninterrupted run through the plain sbatch template (launch/titans.sbatch)."""
+bit for bit, as an uninterrupted 2-rank run; so does a job of the plain sbatch template
+(launch/titans.sbatch) stopped once by USR1."""
 import json
 import os
 import subprocess
@@ -70,18 +71,15 @@ def data_dir(tmp_path):
 def test_launch_slurm_survives_requeues_with_nothing_lost(slurm_cluster, tmp_path, data_dir):
     args = [f"data.path={data_dir}", "train.sample_tokens=0", f"train.steps={STEPS}",
             "checkpoint.interval=3", "optim.warmup_steps=2"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    # the uninterrupted reference: the plain sbatch template, beside the launched job (oversubscribed)
-    sbatch = subprocess.run(
-        ["sbatch", "--parsable", "--oversubscribe", "--ntasks-per-node=2", "--gpus-per-node=0",
-         "--time=10", f"--output={tmp_path}/ref-%j.out", str(ROOT / "launch" / "titans.sbatch"),
-         str(DEBUG), f"run_dir={ref}", *args],
-        cwd=tmp_path, env=dict(_env(), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "ref-logs")),
-        capture_output=True, text=True)
-    assert sbatch.returncode == 0, sbatch.stderr
-    ref_job = sbatch.stdout.strip().split(";")[0]
-    jobs = [ref_job]
+    ref, run, plain = tmp_path / "ref", tmp_path / "run", tmp_path / "plain"
+    # the uninterrupted reference: 2 local ranks, no Slurm, alongside
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "titans_pretrain", "train", str(DEBUG), f"run_dir={ref}", *args, "--nproc", "2"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jobs = []
     try:
+        # A: through `launch slurm` (submitit); B: the plain sbatch template. Both oversubscribe the
+        # 2-CPU node so that they run side by side.
         proc = subprocess.run(
             [sys.executable, "-m", "titans_pretrain", "launch", "slurm", str(DEBUG), "--ntasks-per-node",
              "2", "--time", "10", "--sbatch", "oversubscribe", f"run_dir={run}", *args],
@@ -91,28 +89,42 @@ def test_launch_slurm_survives_requeues_with_nothing_lost(slurm_cluster, tmp_pat
         job = (logs / "job_id").read_text().strip()
         jobs.append(job)
         assert f"submitted Slurm job {job}" in proc.stdout
+        (tmp_path / "plain-logs").mkdir()  # sbatch opens --output before the script runs
+        sbatch = subprocess.run(
+            ["sbatch", "--parsable", "--oversubscribe", "--ntasks-per-node=2", "--gpus-per-node=0",
+             "--time=10", f"--output={tmp_path}/plain-logs/batch-%j.out",
+             str(ROOT / "launch" / "titans.sbatch"), str(DEBUG), f"run_dir={plain}", *args],
+            cwd=tmp_path, env=dict(_env(), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "plain-logs")),
+            capture_output=True, text=True)
+        assert sbatch.returncode == 0, sbatch.stderr
+        plain_job = sbatch.stdout.strip().split(";")[0]
+        jobs.append(plain_job)
 
-        # 1) the time-limit warning (what --signal=USR1@120 delivers): checkpoint, requeue itself
+        # 1) the time-limit warning (what --signal=USR1@120 delivers) to both: checkpoint, requeue itself
         _wait("3 steps", lambda: len(_losses(run)) >= 3, logs)
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        _wait("3 steps of the template job", lambda: len(_losses(plain)) >= 3, tmp_path / "plain-logs")
+        subprocess.run(["scancel", "--signal=USR1", plain_job], check=True)
         first_stop = _requeued(job, run)
         assert [e["event"] for e in _lines(logs / "events.jsonl")][-1] == "requeue"
+        plain_stop = _requeued(plain_job, plain)
 
         # 2) preemption / an admin's requeue: SIGTERM; Slurm requeues
         _wait("the resumed run to take 3 steps", lambda: max(_losses(run)) >= first_stop + 3, logs)
         subprocess.run(["scontrol", "requeue", job], check=True)
         second_stop = _requeued(job, run)
 
-        _wait(f"job {job} to complete", lambda: _job_state(job) in ("COMPLETED", "FAILED", "GONE"), logs)
-        assert _job_state(job) == "COMPLETED", (logs / f"{job}_0_log.err").read_text()[-3000:]
-        _wait(f"reference job {ref_job}", lambda: _job_state(ref_job) in ("COMPLETED", "FAILED", "GONE"),
-              tmp_path / "ref-logs")
-        assert _job_state(ref_job) == "COMPLETED", (tmp_path / f"ref-{ref_job}.out").read_text()[-3000:]
+        for j, folder in ((job, logs), (plain_job, tmp_path / "plain-logs")):
+            _wait(f"job {j} to end", lambda: _job_state(j) in ("COMPLETED", "FAILED", "GONE"), folder)
+            assert _job_state(j) == "COMPLETED", "".join(p.read_text()[-2000:] for p in folder.glob("*.*"))
+        reference.communicate(timeout=120)
+        assert reference.returncode == 0
     finally:
+        reference.kill()
         for j in jobs:
             subprocess.run(["scancel", j], capture_output=True)
 
-    assert 3 <= first_stop < second_stop < STEPS, (first_stop, second_stop)
+    assert 3 <= first_stop < second_stop < STEPS and 3 <= plain_stop < STEPS, (first_stop, second_stop)
     log0 = (logs / f"{job}_0_log.out").read_text()
     assert log0.count("[checkpoint] resumed from") == 2, log0[-3000:]
     assert f"resumed from {run}/checkpoints/step_{first_stop:08d}" in log0
@@ -122,6 +134,9 @@ def test_launch_slurm_survives_requeues_with_nothing_lost(slurm_cluster, tmp_pat
     assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1, 2]
     assert events[1]["master"] == f"localhost:{20000 + int(job) % 20000}"
     assert (logs / f"{job}_1_log.out").exists()  # per-rank logs
+    batch_log = (tmp_path / "plain-logs" / f"batch-{plain_job}.out").read_text()
+    assert "requeueing job" in batch_log and "restart 1" in batch_log, batch_log
     ref_losses = _losses(ref)
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
     assert _losses(run) == ref_losses  # nothing lost, nothing repeated: bit-exact
+    assert _losses(plain) == ref_losses
