@@ -200,11 +200,7 @@ class SlurmTrainTask:
         try:
             code = train(cfg)
         finally:
-            # Done (or saved): a stop signal from now on has nothing left to save. Ignored rather
-            # than handled, because Python resets its handlers to the default (die) while it shuts
-            # down, and a time-limit USR1 then would mark a finished job FAILED.
-            for sig in signals.STOP_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+            signals.ignore_stops()  # done or saved: a late signal must not fail the job
             import torch.distributed as dist
 
             if dist.is_initialized():

@@ -39,6 +39,14 @@ def catch_early(signals=STOP_SIGNALS) -> None:
         signal.signal(sig, handle)
 
 
+def ignore_stops(signals=STOP_SIGNALS) -> None:
+    """After training returned: nothing is left to save, so stop signals are ignored. Ignored, not
+    handled, because Python resets its handlers to the default (die) while it shuts down, and a
+    Slurm time-limit USR1 arriving then would turn a finished job into a FAILED one."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequest:
     """Installs the handlers on construction; `should_stop()` is collective."""
 
