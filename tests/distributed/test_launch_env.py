@@ -30,7 +30,7 @@ def _slurm_task(monkeypatch, **env):
     mesh._env_from_slurm()
 
 
-def test_slurm_env_maps_to_torch_env(monkeypatch, restored_environ):
+def test_slurm_env_maps_to_torch_env(restored_environ, monkeypatch):
     """Master: the first host of the node list (rank 0 runs there); port from the job id."""
     _slurm_task(monkeypatch, SLURM_JOB_NODELIST="gpu-a[07-09,12],gpu-b3", SLURM_LAUNCH_NODE_IPADDR="10.0.0.9")
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
@@ -38,11 +38,15 @@ def test_slurm_env_maps_to_torch_env(monkeypatch, restored_environ):
     assert os.environ["MASTER_PORT"] == str(20000 + 12345 % 20000)
 
 
-def test_slurm_step_nodelist_and_user_settings_win(monkeypatch, restored_environ):
+# One `_slurm_task` per test: a second one would make monkeypatch record (and later put back) the
+# values the first wrote, after `restored_environ` has cleaned up.
+def test_slurm_step_nodelist_and_user_settings_win(restored_environ, monkeypatch):
     _slurm_task(monkeypatch, SLURM_JOB_NODELIST="n[1-4]", SLURM_STEP_NODELIST="n[3-4]", MASTER_PORT="29500")
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("n3", "29500")
-    os.environ.pop("RANK")
-    _slurm_task(monkeypatch, SLURM_LAUNCH_NODE_IPADDR="127.0.0.2")  # no node list: the launch node
+
+
+def test_slurm_without_node_list_uses_the_launch_node(restored_environ, monkeypatch):
+    _slurm_task(monkeypatch, SLURM_LAUNCH_NODE_IPADDR="127.0.0.2")
     assert os.environ["MASTER_ADDR"] == "127.0.0.2"
 
 

@@ -38,7 +38,9 @@ def test_dry_run_prints_the_sbatch_script_and_writes_nothing(monkeypatch, capsys
                  f"--chdir={Path.cwd()}", f"--output={run_dir}/slurm/%j_0_log.out"):
         assert f"#SBATCH {flag}" in lines, (flag, out)
     assert sum(line.startswith("#SBATCH --signal") for line in lines) == 1  # submitit's USR2 replaced
-    assert "module load cuda" in lines
+    setup = out.split("# setup\n")[1].splitlines()
+    assert setup[:2] == ["unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT",
+                         "module load cuda"]  # the submitting shell's rendezvous never leaks in
     srun = [line for line in lines if line.startswith("srun ")]
     assert len(srun) == 1 and f"--output {run_dir}/slurm/%j_%t_log.out" in srun[0]  # per-rank logs
     assert srun[0].endswith(f"apptainer exec --nv t.sif python -u -m submitit.core._submit {run_dir}/slurm")

@@ -17,8 +17,11 @@ DEBUG = ROOT / "configs" / "debug.yaml"
 STEPS = 30
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # sbatch exports it to the job
+def _env(submit=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))  # sbatch exports it to the job
+    if submit:  # a submitting shell with stale rendezvous variables: the jobs must not use them
+        env.update(MASTER_ADDR="stale.invalid", MASTER_PORT="1", WORLD_SIZE="64")
+    return env
 
 
 def _lines(path: Path) -> list[dict]:
@@ -83,7 +86,7 @@ def test_launch_slurm_survives_requeues_with_nothing_lost(slurm_cluster, tmp_pat
         proc = subprocess.run(
             [sys.executable, "-m", "titans_pretrain", "launch", "slurm", str(DEBUG), "--ntasks-per-node",
              "2", "--time", "10", "--sbatch", "oversubscribe", f"run_dir={run}", *args],
-            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+            cwd=ROOT, env=_env(submit=True), capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         logs = run / "slurm"
         job = (logs / "job_id").read_text().strip()
@@ -94,7 +97,7 @@ def test_launch_slurm_survives_requeues_with_nothing_lost(slurm_cluster, tmp_pat
             ["sbatch", "--parsable", "--oversubscribe", "--ntasks-per-node=2", "--gpus-per-node=0",
              "--time=10", f"--output={tmp_path}/plain-logs/batch-%j.out",
              str(ROOT / "launch" / "titans.sbatch"), str(DEBUG), f"run_dir={plain}", *args],
-            cwd=tmp_path, env=dict(_env(), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "plain-logs")),
+            cwd=tmp_path, env=dict(_env(submit=True), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "plain-logs")),
             capture_output=True, text=True)
         assert sbatch.returncode == 0, sbatch.stderr
         plain_job = sbatch.stdout.strip().split(";")[0]

@@ -34,6 +34,8 @@ from pathlib import Path
 from titans_pretrain.config import ConfigError
 
 DEFAULT_SIGNAL = "USR1@120"
+# torch's rendezvous variables: derived from Slurm's in every task, never inherited from submission
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -133,7 +135,10 @@ def sbatch_parameters(opts: SlurmOptions, run_dir: Path, workdir: Path) -> dict:
         "time": time_minutes(opts.time),
         "signal_delay_s": signal_delay(opts.signal),
         "additional_parameters": extra,
-        "setup": list(opts.setup),
+        # sbatch exports the submitting shell's environment: a RANK or MASTER_ADDR set there (a
+        # shell inside another job, torchrun) would override what the tasks derive from Slurm.
+        # The user's own --setup lines come after and may set them on purpose.
+        "setup": [f"unset {' '.join(RANK_VARIABLES)}", *opts.setup],
     }
     optional = {"partition": opts.partition, "account": opts.account, "qos": opts.qos,
                 "cpus_per_task": opts.cpus_per_task, "constraint": opts.constraint,
