@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench clean
+.PHONY: install test bench clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,11 @@ clean:
 demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m titans_pretrain train configs/demo.yaml \
 		--nproc $$($(PY) -c "import torch; print(torch.cuda.device_count() or 2)") $(DEMO_ARGS)
+
+# A one-node Slurm on this machine (root; installs slurmctld, slurmd, slurm-client, munge with apt-get
+# when missing). `make test` starts it by itself for tests/launch and stops what it started.
+slurm-up:
+	bash launch/local_slurm.sh start
+
+slurm-down:
+	bash launch/local_slurm.sh stop

@@ -17,18 +17,45 @@ def restored_environ():
     os.environ.update(saved)
 
 
-def test_slurm_env_maps_to_torch_env(monkeypatch, restored_environ):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+SLURM_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST",
+              "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_LAUNCH_NODE_IPADDR")
+
+
+def _slurm_task(monkeypatch, **env):
+    for key in SLURM_KEYS:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_ID", "12345")
-    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.2")  # loopback: never a real host
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "12345", **env}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     mesh._env_from_slurm()
+
+
+def test_slurm_env_maps_to_torch_env(restored_environ, monkeypatch):
+    """Master: the first host of the node list (rank 0 runs there); port from the job id."""
+    _slurm_task(monkeypatch, SLURM_JOB_NODELIST="gpu-a[07-09,12],gpu-b3", SLURM_LAUNCH_NODE_IPADDR="10.0.0.9")
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
-    assert os.environ["MASTER_ADDR"] == "127.0.0.2"
+    assert os.environ["MASTER_ADDR"] == "gpu-a07"
     assert os.environ["MASTER_PORT"] == str(20000 + 12345 % 20000)
+
+
+# One `_slurm_task` per test: a second one would make monkeypatch record (and later put back) the
+# values the first wrote, after `restored_environ` has cleaned up.
+def test_slurm_step_nodelist_and_user_settings_win(restored_environ, monkeypatch):
+    _slurm_task(monkeypatch, SLURM_JOB_NODELIST="n[1-4]", SLURM_STEP_NODELIST="n[3-4]", MASTER_PORT="29500")
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("n3", "29500")
+
+
+def test_slurm_without_node_list_uses_the_launch_node(restored_environ, monkeypatch):
+    _slurm_task(monkeypatch, SLURM_LAUNCH_NODE_IPADDR="127.0.0.2")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.2"
+
+
+def test_slurm_hostnames_expands_like_scontrol():
+    assert mesh.slurm_hostnames("node[01-03,10],gpu[1-2]-ib[0-1],login") == [
+        "node01", "node02", "node03", "node10", "gpu1-ib0", "gpu1-ib1", "gpu2-ib0", "gpu2-ib1", "login"]
+    assert mesh.slurm_hostnames("localhost") == ["localhost"]
+    with pytest.raises(ValueError, match="node list"):
+        mesh.slurm_hostnames("n[a-b]")
 
 
 def test_torchrun_env_wins_over_slurm(monkeypatch, restored_environ):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -26,15 +27,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist (`node[01-03,7],gpu-a[1-2]-ib`) into host names, in order.
+
+    Pure Python (the same answer as `scontrol show hostnames`), so rendezvous needs no Slurm binary.
+    """
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(nodelist[start:i])
+            start = i + 1
+    items.append(nodelist[start:])
+    hosts: list[str] = []
+    for item in filter(None, (x.strip() for x in items)):
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [literal]
+            if ranges:
+                choices = []
+                for part in ranges.split(","):
+                    lo, _, hi = part.partition("-")
+                    if not lo.isdigit() or (hi and not hi.isdigit()):
+                        raise ValueError(f"bad Slurm node list {nodelist!r}: range {part!r} is not N or N-M")
+                    for n in range(int(lo), int(hi or lo) + 1):
+                        choices.append(f"{literal}{n:0{len(lo)}d}")
+            expanded = [e + c for e in expanded for c in choices]
+        hosts.extend(expanded)
+    return hosts
+
+
+def slurm_master_port(job_id: int | str) -> int:
+    """A port from the job id: every task of a job computes the same one with no exchange, and jobs
+    that share a node (ids not 20000 apart) get different ones. Range 20000-39999."""
+    return 20000 + int(job_id) % 20000
+
+
 def _env_from_slurm() -> None:
-    """Under `srun` without torchrun: derive the torch variables from Slurm's."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+    """Under `srun` without torchrun: derive the torch variables from Slurm's.
+
+    MASTER_ADDR is the first host of the step's node list (rank 0 runs there), MASTER_PORT comes
+    from the job id; both may be preset by the user. Nothing happens when RANK is already set
+    (torchrun inside srun) or outside a Slurm task.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if nodelist:
+        env.setdefault("MASTER_ADDR", slurm_hostnames(nodelist)[0])
+    else:
+        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    env.setdefault("MASTER_PORT", str(slurm_master_port(env.get("SLURM_JOB_ID", "0"))))
 
 
 def device_for_local_rank() -> torch.device:

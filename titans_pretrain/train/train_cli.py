@@ -85,8 +85,15 @@ def _split_nproc(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from titans_pretrain.train import signals
+
     try:
         _split_nproc(args)
+        if args.nproc is None:
+            # A rank (under srun a time-limit or preemption signal may come while torch is still
+            # importing): held for the trainer, which stops at its first step boundary with exit 75
+            # instead of dying. Not in the --nproc launcher, which forwards signals to its ranks.
+            signals.catch_early()
         cfg = load_config(args.config, args.overrides)
         if args.nproc is not None:
             if args.nproc < 1:
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     finally:
+        signals.ignore_stops()  # done or saved: a late signal must not fail the job
         import torch.distributed as dist
 
         if dist.is_initialized():

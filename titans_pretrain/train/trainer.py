@@ -212,9 +212,13 @@ class Trainer:
                 self.ckpt.wait()
                 return 0
             if stop.should_stop(self.device):
-                self.log(f"[train] stop signal received: saving at step {p.step} and exiting with "
-                         f"code {EXIT_PREEMPTED} (requeue to resume)")
-                if p.step != last_saved or not ckpt.list_checkpoints(self.ckpt.root):
+                # Never a checkpoint at step 0: a fresh start is the exact resume, while saving
+                # before the first step makes DCP's get_state_dict take a zero-grad optimizer step
+                # (AdamW's step counter 1) and the resumed run then differs from an uninterrupted one.
+                save = p.step != last_saved or (p.step > 0 and not ckpt.list_checkpoints(self.ckpt.root))
+                self.log(f"[train] stop signal received: {'saving' if save else 'nothing new to save'} "
+                         f"at step {p.step}, exiting with code {EXIT_PREEMPTED} (requeue to resume)")
+                if save:
                     self.save()
                 self.ckpt.wait()
                 return EXIT_PREEMPTED
