@@ -30,7 +30,6 @@ persistent memory tokens (Megatron's attention has none: build the native model 
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from functools import partial
 
 import torch
@@ -400,7 +399,3 @@ def titans_gpt_model(titans: TitansConfig, config: TransformerConfig | None = No
     )
     kwargs.update(gpt_kwargs)
     return GPTModel(config, titans_block_spec(titans), **kwargs)
-
-
-def _fields(cls) -> set[str]:  # pragma: no cover - debugging aid
-    return {f.name for f in fields(cls)}

@@ -30,8 +30,6 @@ What Megatron cannot express, so the converter refuses it: persistent memory tok
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,7 +38,6 @@ from titans_pretrain.models.titans import TitansConfig
 
 __all__ = ["check_convertible", "megatron_to_native", "native_to_megatron"]
 
-_ATTN_NAME = {"mal": "attn", "mag": "attn", "mac": "attn"}
 
 
 def check_convertible(titans: TitansConfig) -> None:

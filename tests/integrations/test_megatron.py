@@ -1,0 +1,187 @@
+"""Titans layers in Megatron-core: the same numbers as the native model, at TP=1 and TP=2, through
+Megatron's ``dist_checkpointing`` (saved at one TP size, loaded at another), and the converter.
+
+megatron-core is a CI dependency (``[dev]`` pulls ``[megatron]``): these tests fail, not skip, when
+it is missing. Megatron's CUDA-only internals are patched for CPU by ``megatron_cpu_compat`` inside
+the worker processes only.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+
+from megatron_cpu_compat import MegatronCompatError, check_megatron_version  # noqa: E402
+from trainer_spawn import spawn_ranks  # noqa: E402
+
+from titans_pretrain.models import TitansConfig, TitansLM  # noqa: E402
+
+VARIANTS = ("lmm", "mal", "mag", "mac")
+
+
+def tiny(variant: str, **kw) -> TitansConfig:
+    """Small enough for seconds on CPU; several chunks, windows and segments per sequence. (With
+    ``theta_max=0.3`` MAC's loss rises under these step sizes and fp32 rounding differences between
+    TP sizes grow to 1e-3 in three steps; at 0.03 every variant trains smoothly.)"""
+    base = dict(variant=variant, vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=8, window=8,
+                segment_len=8, n_persistent=0, theta_max=0.03)
+    base.update(kw)
+    return TitansConfig(**base)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------ compat fixture
+def test_cpu_compat_pins_the_installed_megatron(monkeypatch):
+    """The fixture runs on the pinned megatron-core, and refuses another version or a moved target."""
+    import megatron.core
+    import megatron.core.transformer.utils as mutils
+
+    check_megatron_version()
+    monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
+    with pytest.raises(MegatronCompatError, match="0.99.0.*re-check every patch"):
+        check_megatron_version()
+    monkeypatch.undo()
+    monkeypatch.delattr(mutils, "get_default_causal_mask")
+    with pytest.raises(MegatronCompatError, match="get_default_causal_mask is gone"):
+        check_megatron_version()
+
+
+def test_extra_pins_the_patched_version():
+    """pyproject's [megatron] extra pins exactly the version the CPU fixture patches."""
+    from megatron_cpu_compat import PATCHED_VERSION
+
+    from titans_pretrain.integrations.megatron import TESTED_MEGATRON_CORE
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'megatron = ["megatron-core=={PATCHED_VERSION}"]' in text
+    assert TESTED_MEGATRON_CORE == PATCHED_VERSION
+
+
+# ---------------------------------------------------------------------------------- converter
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_converter_round_trip_is_exact(variant):
+    from titans_pretrain.integrations.megatron_convert import megatron_to_native, native_to_megatron
+
+    titans = tiny(variant)
+    native = TitansLM(titans).state_dict()
+    meg = native_to_megatron(native, titans)
+    assert "output_layer.weight" in meg and "decoder.layers.1.mlp.linear_fc1.weight" in meg
+    back = megatron_to_native(meg, titans)
+    assert back.keys() == native.keys()
+    for k, v in native.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_converter_layouts():
+    """SwiGLU as fc1 = [gate; up]; fused qkv per head [q_h; k_h; v_h] (Megatron's MHA layout)."""
+    from titans_pretrain.integrations.megatron_convert import native_to_megatron
+
+    titans = tiny("mal")
+    native = TitansLM(titans).state_dict()
+    meg = native_to_megatron(native, titans)
+    fc1 = meg["decoder.layers.0.mlp.linear_fc1.weight"]
+    hidden = titans.resolved_mlp_hidden
+    assert torch.equal(fc1[:hidden], native["blocks.0.mlp.gate_proj.weight"])
+    assert torch.equal(fc1[hidden:], native["blocks.0.mlp.up_proj.weight"])
+    qkv = meg["decoder.layers.0.self_attention.attention.linear_qkv.weight"]
+    D = titans.resolved_head_dim
+    head1 = qkv[3 * D:6 * D]
+    assert torch.equal(head1[:D], native["blocks.0.attn.q_proj.weight"][D:2 * D])
+    assert torch.equal(head1[D:2 * D], native["blocks.0.attn.k_proj.weight"][D:2 * D])
+    assert torch.equal(head1[2 * D:], native["blocks.0.attn.v_proj.weight"][D:2 * D])
+
+
+def test_converter_refuses_what_megatron_cannot_express():
+    from titans_pretrain.integrations.megatron_convert import native_to_megatron
+
+    titans = tiny("mac", n_persistent=2)
+    with pytest.raises(ValueError, match="n_persistent=2.*n_persistent=0"):
+        native_to_megatron(TitansLM(titans).state_dict(), titans)
+    titans = tiny("mag", use_memory=False)
+    with pytest.raises(ValueError, match="use_memory=False"):
+        native_to_megatron(TitansLM(titans).state_dict(), titans)
+
+
+def test_config_mismatch_errors():
+    from titans_pretrain.integrations.megatron import _check_shapes, titans_transformer_config
+
+    titans = tiny("lmm")
+    config = titans_transformer_config(titans)
+    assert config.window_size is None and titans_transformer_config(tiny("mal")).window_size == (7, 0)
+    with pytest.raises(ValueError, match="hidden_size=64 differs from TitansConfig.d_model=32"):
+        _check_shapes(titans_transformer_config(tiny("lmm", d_model=64)), titans, 1)
+    with pytest.raises(ValueError, match="n_heads=4 is not divisible by the tensor-parallel size 3"):
+        _check_shapes(config, titans, 3)
+
+
+# ------------------------------------------------------------------------- the distributed run
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    """One 2-process launch: every variant at TP=1 and TP=2 with dist_checkpointing between them."""
+    cases = []
+    for i, variant in enumerate(VARIANTS):
+        torch.manual_seed(i)
+        titans = tiny(variant)
+        native = TitansLM(titans)
+        ids = torch.randint(0, titans.vocab_size, (2, 21))  # 21: partial chunk, window and segment
+        labels = torch.randint(0, titans.vocab_size, (2, 21))
+        cases.append((variant, titans, native.state_dict(), ids, labels))
+    from megatron_workers import tp_roundtrip
+
+    workdir = tmp_path_factory.mktemp("megatron")
+    return spawn_ranks(tp_roundtrip, 2, cases, str(workdir), 3, 0.05)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_megatron_matches_native(tp_results, variant):
+    """Same weights (through the converter): Megatron TP=1 logits and gradients = native (fp32)."""
+    r = tp_results[0][variant]
+    assert rel(r["tp1_logits"], r["native_logits"]) < 1e-5
+    assert abs(r["tp1_losses"][0] - r["native_loss"]) < 1e-5 * r["native_loss"]
+    for name, g in r["native_grads"].items():
+        assert rel(r["tp1_grads_native"][name], g) < 1e-4, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tp2_gradients_equal_tp1(tp_results, variant):
+    """The first step's TP=2 gradients (saved through dist_checkpointing, reassembled at TP=1)
+    equal the TP=1 gradients, parameter by parameter (fp32)."""
+    r = tp_results[0][variant]
+    assert r["tp2_grads_native"].keys() == r["tp1_grads_native"].keys()
+    for name, g in r["tp1_grads_native"].items():
+        assert rel(r["tp2_grads_native"][name], g) < 1e-5, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tp2_trains_like_tp1(tp_results, variant):
+    """TP=2 (loaded from a TP=1 dist checkpoint) gives the TP=1 losses step by step, on both ranks,
+    and ends at the TP=1 weights: its TP=2 checkpoint, reloaded at TP=1, equals TP=1's training."""
+    r0, r1 = tp_results[0][variant], tp_results[1][variant]
+    for a, b, c in zip(r0["tp1_losses"], r0["tp2_losses"], r1["tp2_losses"]):
+        assert abs(a - b) < 1e-5 * a and b == c
+    assert r0["tp1_losses"][-1] < r0["tp1_losses"][0]  # it learns
+    for name, w in r0["tp1_trained"].items():
+        assert rel(r0["tp2_reloaded_at_tp1"][name], w) < 1e-5, name
+    # The reloaded TP=1 model computes what the TP=2 model it was saved from computes.
+    assert rel(r0["reloaded_logits"], r0["tp2_trained_logits"]) < 1e-6
+
+
+def test_tp2_shards_the_memory_by_heads(tp_results):
+    """Each of the 2 ranks holds 2 of the 4 heads: projections, gates, conv, M_0, norm, out_proj."""
+    shapes = tp_results[0]["lmm"]["tp2_local_shapes"]
+    p = "decoder.layers.0.self_attention."
+    assert shapes[p + "q_proj.weight"] == (16, 32)
+    assert shapes[p + "theta_proj.weight"] == (2, 32) and shapes[p + "theta_proj.bias"] == (2,)
+    assert shapes[p + "q_conv.weight"] == (16, 1, 4)
+    assert shapes[p + "initial_weights.0"] == (2, 8, 32) and shapes[p + "initial_weights.1"] == (2, 32, 8)
+    assert shapes[p + "out_norm.weight"] == (2, 1, 8)
+    assert shapes[p + "out_proj.weight"] == (32, 16)
+    mac = tp_results[0]["mac"]["tp2_local_shapes"]
+    assert mac["decoder.layers.0.self_attention.attention.linear_qkv.weight"] == (48, 32)
