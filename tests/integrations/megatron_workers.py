@@ -1,7 +1,8 @@
 """Rank bodies for the Megatron tests (run on real gloo processes by ``spawn_ranks``).
 
 One launch of two processes runs, per variant: Megatron at TP=1 (each rank alone in its TP group)
--> a ``dist_checkpointing`` save -> TP=2 loads it and trains -> saves at TP=2 -> TP=1 loads that.
+next to the native model; the native weights written as a Megatron checkpoint by the converter ->
+TP=2 loads it and trains -> saves at TP=2 -> TP=1 loads that.
 ``parallel_state`` is torn down and rebuilt between the phases, inside the same processes.
 """
 from __future__ import annotations
@@ -89,7 +90,8 @@ def tp_roundtrip(rank: int, world: int, cases: list, workdir: str, steps: int, l
     to the state reloaded at TP=1 from the TP=2 checkpoint."""
     warnings.filterwarnings("ignore")
     stack = apply_cpu_compat()
-    from titans_pretrain.integrations.megatron_convert import load_into_megatron, megatron_to_native
+    from titans_pretrain.integrations.megatron_convert import (load_into_megatron, megatron_to_native,
+                                                               save_megatron_checkpoint)
     from titans_pretrain.models import TitansLM
 
     out = {}
@@ -110,8 +112,8 @@ def tp_roundtrip(rank: int, world: int, cases: list, workdir: str, steps: int, l
             m1 = _build(titans, dtype)
             load_into_megatron(m1, native_state, titans)
             res["tp1_logits"] = m1(ids, None, None).detach()
-            init_dir = f"{workdir}/{name}_init_tp1"
-            _save(m1, init_dir)
+            init_dir = f"{workdir}/{name}_init_tp1"  # the converter's checkpoint writer
+            save_megatron_checkpoint(native_state, titans, init_dir)
             res["tp1_losses"], g1 = _train(m1, ids, labels, steps, lr)
             res["tp1_grads_native"] = megatron_to_native(g1, titans)
             res["tp1_trained"] = megatron_to_native(_full_state(m1), titans)

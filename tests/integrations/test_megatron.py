@@ -27,7 +27,7 @@ def tiny(variant: str, **kw) -> TitansConfig:
     """Small enough for seconds on CPU; several chunks, windows and segments per sequence. (With
     ``theta_max=0.3`` MAC's loss rises under these step sizes and fp32 rounding differences between
     TP sizes grow to 1e-3 in three steps; at 0.03 every variant trains smoothly.)"""
-    base = dict(variant=variant, vocab_size=64, d_model=32, n_layers=2, n_heads=4, chunk_size=8, window=8,
+    base = dict(variant=variant, vocab_size=512, d_model=32, n_layers=2, n_heads=4, chunk_size=8, window=8,
                 segment_len=8, n_persistent=0, theta_max=0.03)
     base.update(kw)
     return TitansConfig(**base)
@@ -136,13 +136,14 @@ def tp_results(tmp_path_factory):
     from megatron_workers import tp_roundtrip
 
     workdir = tmp_path_factory.mktemp("megatron")
-    return spawn_ranks(tp_roundtrip, 2, cases, str(workdir), 3, 0.05)
+    results = spawn_ranks(tp_roundtrip, 2, cases, str(workdir), 3, 0.05)
+    return results, workdir, {c[0]: c for c in cases}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_megatron_matches_native(tp_results, variant):
     """Same weights (through the converter): Megatron TP=1 logits and gradients = native (fp32)."""
-    r = tp_results[0][variant]
+    r = tp_results[0][0][variant]
     assert rel(r["tp1_logits"], r["native_logits"]) < 1e-5
     assert abs(r["tp1_losses"][0] - r["native_loss"]) < 1e-5 * r["native_loss"]
     for name, g in r["native_grads"].items():
@@ -153,7 +154,7 @@ def test_megatron_matches_native(tp_results, variant):
 def test_tp2_gradients_equal_tp1(tp_results, variant):
     """The first step's TP=2 gradients (saved through dist_checkpointing, reassembled at TP=1)
     equal the TP=1 gradients, parameter by parameter (fp32)."""
-    r = tp_results[0][variant]
+    r = tp_results[0][0][variant]
     assert r["tp2_grads_native"].keys() == r["tp1_grads_native"].keys()
     for name, g in r["tp1_grads_native"].items():
         assert rel(r["tp2_grads_native"][name], g) < 1e-5, name
@@ -163,7 +164,7 @@ def test_tp2_gradients_equal_tp1(tp_results, variant):
 def test_tp2_trains_like_tp1(tp_results, variant):
     """TP=2 (loaded from a TP=1 dist checkpoint) gives the TP=1 losses step by step, on both ranks,
     and ends at the TP=1 weights: its TP=2 checkpoint, reloaded at TP=1, equals TP=1's training."""
-    r0, r1 = tp_results[0][variant], tp_results[1][variant]
+    r0, r1 = tp_results[0][0][variant], tp_results[0][1][variant]
     for a, b, c in zip(r0["tp1_losses"], r0["tp2_losses"], r1["tp2_losses"]):
         assert abs(a - b) < 1e-5 * a and b == c
     assert r0["tp1_losses"][-1] < r0["tp1_losses"][0]  # it learns
@@ -175,13 +176,62 @@ def test_tp2_trains_like_tp1(tp_results, variant):
 
 def test_tp2_shards_the_memory_by_heads(tp_results):
     """Each of the 2 ranks holds 2 of the 4 heads: projections, gates, conv, M_0, norm, out_proj."""
-    shapes = tp_results[0]["lmm"]["tp2_local_shapes"]
+    shapes = tp_results[0][0]["lmm"]["tp2_local_shapes"]
     p = "decoder.layers.0.self_attention."
     assert shapes[p + "q_proj.weight"] == (16, 32)
+    assert shapes["embedding.word_embeddings.weight"] == (256, 32)
     assert shapes[p + "theta_proj.weight"] == (2, 32) and shapes[p + "theta_proj.bias"] == (2,)
     assert shapes[p + "q_conv.weight"] == (16, 1, 4)
     assert shapes[p + "initial_weights.0"] == (2, 8, 32) and shapes[p + "initial_weights.1"] == (2, 32, 8)
     assert shapes[p + "out_norm.weight"] == (2, 1, 8)
     assert shapes[p + "out_proj.weight"] == (32, 16)
-    mac = tp_results[0]["mac"]["tp2_local_shapes"]
+    mac = tp_results[0][0]["mac"]["tp2_local_shapes"]
     assert mac["decoder.layers.0.self_attention.attention.linear_qkv.weight"] == (48, 32)
+
+
+# ----------------------------------------------------------------------- checkpoint conversion
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpoint_conversion_both_ways(tp_results, variant):
+    """native -> Megatron checkpoint (save_megatron_checkpoint, in the workers) -> native is exact,
+    and the TP=2-trained Megatron checkpoint read back in this process (plain DCP, no Megatron
+    runtime) gives the TP=2 model's logits."""
+    from titans_pretrain.integrations.megatron_convert import megatron_checkpoint_to_native
+
+    results, workdir, cases = tp_results
+    _, titans, native_state, ids, _ = cases[variant]
+    back = megatron_checkpoint_to_native(workdir / f"{variant}_init_tp1")  # titans_config.json inside
+    assert back.config == titans
+    for k, v in native_state.items():
+        assert torch.equal(back.state_dict()[k], v), k
+    trained = megatron_checkpoint_to_native(workdir / f"{variant}_trained_tp2", titans)
+    with torch.no_grad():
+        logits = trained(ids).logits
+    assert rel(logits, results[0][variant]["tp2_trained_logits"]) < 1e-5
+
+
+def test_megatron_checkpoint_to_native_run(tp_results, tmp_path):
+    """A Megatron checkpoint becomes a native run checkpoint that load_checkpoint (and train) read."""
+    from titans_pretrain import load_checkpoint
+    from titans_pretrain.integrations.megatron_convert import megatron_checkpoint_to_run
+
+    results, workdir, cases = tp_results
+    _, titans, _, ids, _ = cases["mal"]
+    config = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
+    run = tmp_path / "run"
+    folder = megatron_checkpoint_to_run(workdir / "mal_trained_tp2", run, config, titans=titans,
+                                        overrides=[f"data.path={tmp_path / 'data'}"], log=lambda *_: None)
+    assert (run / "checkpoints" / "latest").read_text().strip() == folder.name == "step_00000000"
+    model = load_checkpoint(run)
+    assert model.config == titans
+    with torch.no_grad():
+        assert rel(model(ids).logits, results[0]["mal"]["tp2_trained_logits"]) < 1e-5
+
+
+def test_reader_errors_name_the_fix(tmp_path):
+    from titans_pretrain.integrations.megatron_convert import megatron_checkpoint_to_native
+
+    with pytest.raises(FileNotFoundError, match="no metadata.json: not a Megatron dist_checkpointing folder"):
+        megatron_checkpoint_to_native(tmp_path)
+    (tmp_path / "metadata.json").write_text('{"sharded_backend": "zarr"}')
+    with pytest.raises(ValueError, match="only 'torch_dist'"):
+        megatron_checkpoint_to_native(tmp_path)
