@@ -11,10 +11,11 @@ library; on a GPU machine Megatron needs none of it):
 3. ``get_default_causal_mask`` / ``get_sliding_window_causal_mask`` build their masks with a
    hard-coded ``device="cuda"``: rebuilt on CPU (same values).
 4. ``torch.cuda.synchronize`` -> no-op: ``dist_checkpointing`` synchronises around its writes.
-
-:func:`check_megatron_version` fails loudly when the installed megatron-core is not the version
-these patches were written against, or when any patched attribute has moved: a new version must
-be re-checked (and the pin in ``pyproject.toml`` moved) on purpose, not silently run unpatched.
+5. Megatron's optimizer modules (and ``megatron.core.utils``' gradient norm) create small tensors
+   with a hard-coded ``device="cuda"`` (loss scale, norms, overflow buffers): their module-level
+   ``torch`` is a proxy whose tensor factories send ``"cuda"`` to the CPU.
+6. Tensor type names: the optimizers accept only ``param.type() == "torch.cuda.FloatTensor"`` (and
+   Half/BFloat16): ``Tensor.type()`` without arguments reports CPU tensors under their CUDA names.
 """
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ TARGETS = [
 ]
 
 
+# Modules whose module-level ``torch`` is replaced by the CPU proxy (patch 5).
+DEVICE_MODULES = [
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without Apex)
+]
+
+
 class MegatronCompatError(RuntimeError):
     pass
 
@@ -52,6 +62,9 @@ def check_megatron_version() -> None:
             f"megatron-core {megatron.core.__version__} is installed but tests/integrations/megatron_cpu_compat.py "
             f"patches {PATCHED_VERSION}: re-check every patch against the new version, then move PATCHED_VERSION "
             "and the pin of the [megatron] extra in pyproject.toml together")
+    for module in DEVICE_MODULES:
+        if not hasattr(importlib.import_module(module), "torch"):
+            raise MegatronCompatError(f"{module} no longer imports torch at module level: patch 5 no longer matches")
     for module, attr in TARGETS:
         if not hasattr(importlib.import_module(module), attr):
             raise MegatronCompatError(f"{module}.{attr} is gone in megatron-core {megatron.core.__version__}: "
@@ -76,6 +89,36 @@ def _noop_fork(self, name=None):
     yield
 
 
+class _CpuTorch:
+    """``torch`` as seen by Megatron's optimizer modules: tensor factories map ``device="cuda"`` to CPU."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+_CPU_TORCH = _CpuTorch()
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """``Tensor.type()``: a CPU tensor's name as CUDA would give it (patch 6); conversions unchanged."""
+    if dtype is None and not kwargs:
+        name = _TENSOR_TYPE(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
 def apply_cpu_compat() -> contextlib.ExitStack:
     """Check the version, apply the patches; returns an ExitStack whose ``close()`` undoes them."""
     check_megatron_version()
@@ -90,4 +133,7 @@ def apply_cpu_compat() -> contextlib.ExitStack:
         mod = importlib.import_module(module)
         stack.enter_context(mock.patch.object(mod, "get_default_causal_mask", _causal_mask))
         stack.enter_context(mock.patch.object(mod, "get_sliding_window_causal_mask", _sliding_window_mask))
+    for module in DEVICE_MODULES:
+        stack.enter_context(mock.patch.object(importlib.import_module(module), "torch", _CPU_TORCH))
+    stack.enter_context(mock.patch.object(torch.Tensor, "type", _cuda_type_name))
     return stack

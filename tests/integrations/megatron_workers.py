@@ -147,3 +147,44 @@ def tp_roundtrip(rank: int, world: int, cases: list, workdir: str, steps: int, l
             ps.destroy_model_parallel()
         stack.close()
     return out
+
+
+def megatron_training(rank: int, world: int, titans, ids, labels, steps: int, workdir: str) -> dict:
+    """Megatron's own training stack on Titans layers: seeded init (saved per TP size), Megatron DDP,
+    the distributed Adam optimizer with gradient clipping, ``steps`` steps at TP=1 (data parallel 2,
+    same batch on both ranks) and then TP=2. Returns ``{tp: [(loss, grad_norm), ...]}``."""
+    warnings.filterwarnings("ignore")
+    stack = apply_cpu_compat()
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    out = {}
+    try:
+        for tp in (1, 2):
+            _setup_parallel(tp)
+            torch.manual_seed(0)
+            model = _build(titans, torch.float32)
+            _save(model, f"{workdir}/seeded_init_tp{tp}")
+            ddp = DistributedDataParallel(
+                config=model.config, module=model,
+                ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True))
+            opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0,
+                                                         use_distributed_optimizer=True), [ddp])
+            history = []
+            for _ in range(steps):
+                ddp.zero_grad_buffer()
+                opt.zero_grad()
+                loss = ddp(ids, None, None, labels=labels).mean()
+                loss.backward()
+                ddp.finish_grad_sync()
+                ok, grad_norm, _ = opt.step()
+                assert ok
+                history.append((loss.item(), grad_norm))
+            out[tp] = history
+    finally:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        stack.close()
+    return out

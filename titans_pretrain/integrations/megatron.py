@@ -47,6 +47,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -177,9 +178,10 @@ class TitansMemoryMixer(MemoryLayer, MegatronModule):
         self.q_proj = col(d, inner, bias=False)
         self.k_proj = col(d, inner, bias=False)
         self.v_proj = col(d, inner, bias=False)
-        self.q_conv = CausalDepthwiseConv(local_inner, c.conv_kernel)
-        self.k_conv = CausalDepthwiseConv(local_inner, c.conv_kernel)
-        self.v_conv = CausalDepthwiseConv(local_inner, c.conv_kernel)
+        with torch.random.fork_rng(devices=[]):  # the convs' own local-size init must not move the RNG:
+            self.q_conv = CausalDepthwiseConv(local_inner, c.conv_kernel)  # reset_memory_parameters
+            self.k_conv = CausalDepthwiseConv(local_inner, c.conv_kernel)  # draws the full-size ones
+            self.v_conv = CausalDepthwiseConv(local_inner, c.conv_kernel)
         self.theta_proj = col(d, H, bias=True)
         self.eta_proj = col(d, H, bias=True)
         self.alpha_proj = col(d, H, bias=True)
@@ -196,6 +198,11 @@ class TitansMemoryMixer(MemoryLayer, MegatronModule):
         for conv in (self.q_conv, self.k_conv, self.v_conv):
             conv.weight.data = conv.weight.data.to(config.params_dtype)
         self.out_norm.weight.data = self.out_norm.weight.data.to(config.params_dtype)
+        # Megatron's grad-norm, clipping and optimizers count a parameter on every TP rank only when it
+        # is marked tensor-parallel (else once, as a replica): mark the head-sharded ones.
+        for p in [*self.initial_weights, self.out_norm.weight, self.q_conv.weight, self.k_conv.weight,
+                  self.v_conv.weight]:
+            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self.reset_memory_parameters()
 
     def _local(self, full: Tensor) -> Tensor:
