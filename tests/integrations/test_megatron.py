@@ -260,3 +260,37 @@ def test_megatron_ddp_distributed_optimizer_tp1_equals_tp2(tmp_path):
         assert abs(l1 - l2) < 1e-5 * l1 and abs(n1 - n2) < 1e-5 * n1
     assert r0[1][0][1] > 1.0  # clipping is active
     assert r0[1][-1][0] < r0[1][0][0] - 0.1  # it learns
+
+
+SAVE_SCRIPT = """
+import json, sys, torch
+from titans_pretrain.models import TitansConfig, TitansLM
+from titans_pretrain.integrations.megatron_convert import megatron_process, save_megatron_checkpoint
+if __name__ == "__main__":
+    titans = TitansConfig(**json.loads(sys.argv[1]))
+    with megatron_process():
+        save_megatron_checkpoint(torch.load(sys.argv[2]), titans, sys.argv[3])
+"""
+
+
+def test_save_megatron_checkpoint_in_a_plain_cpu_process(tmp_path):
+    """The documented user path, without the test compat patches: a plain script on a CPU-only
+    machine writes a Megatron checkpoint that reads back to the same weights."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+
+    from titans_pretrain.integrations.megatron_convert import megatron_checkpoint_to_native
+
+    titans = tiny("mag")
+    native = TitansLM(titans).state_dict()
+    torch.save(native, tmp_path / "native.pt")
+    (tmp_path / "save.py").write_text(SAVE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "save.py"), json.dumps(dataclasses.asdict(titans)),
+                           str(tmp_path / "native.pt"), str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    back = megatron_checkpoint_to_native(tmp_path / "ckpt").state_dict()
+    for k, v in native.items():
+        assert torch.equal(back[k], v), k

@@ -71,6 +71,7 @@ __all__ = [
     "TitansMAGMixer",
     "TitansMALMixer",
     "TitansMemoryMixer",
+    "titans_block_spec",
     "titans_gpt_model",
     "titans_layer_spec",
     "titans_transformer_config",

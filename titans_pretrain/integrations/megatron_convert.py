@@ -204,6 +204,24 @@ def megatron_process():
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _writer_without_cuda():
+    """Megatron's checkpoint writer calls ``torch.cuda.synchronize()`` after its device-to-host copies
+    and puts its failure flag on ``torch.cuda.current_device()``. On a machine without CUDA there is
+    nothing to wait for and the flag belongs on the CPU: for the duration of the save only, and only
+    when CUDA is unavailable, those two calls say so (conversions then run on CPU-only machines)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
 def save_megatron_checkpoint(native: dict[str, Tensor], titans: TitansConfig, ckpt_dir: str | Path, *,
                              params_dtype: torch.dtype = torch.float32) -> Path:
     """Native weights -> a Megatron ``dist_checkpointing`` folder (+ ``titans_config.json``).
@@ -226,7 +244,8 @@ def save_megatron_checkpoint(native: dict[str, Tensor], titans: TitansConfig, ck
     load_into_megatron(model, {k: v.to(params_dtype) for k, v in native.items()}, titans)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    with _writer_without_cuda():
+        dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
     if int(os.environ.get("RANK", "0")) == 0:
         (ckpt_dir / TITANS_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(titans), indent=1))
     return ckpt_dir
