@@ -11,8 +11,8 @@ library; on a GPU machine Megatron needs none of it):
 3. ``get_default_causal_mask`` / ``get_sliding_window_causal_mask`` build their masks with a
    hard-coded ``device="cuda"``: rebuilt on CPU (same values).
 4. ``torch.cuda.synchronize`` -> no-op: ``dist_checkpointing`` synchronises around its writes.
-5. Megatron's optimizer modules (and ``megatron.core.utils``' gradient norm) create small tensors
-   with a hard-coded ``device="cuda"`` (loss scale, norms, overflow buffers): their module-level
+5. Megatron's optimizer modules, pipeline schedules and ``megatron.core.utils``' gradient norm
+   create small tensors with a hard-coded ``device="cuda"`` (loss scale, norms, overflow buffers): their module-level
    ``torch`` is a proxy whose tensor factories send ``"cuda"`` to the CPU.
 6. Tensor type names: the optimizers accept only ``param.type() == "torch.cuda.FloatTensor"`` (and
    Half/BFloat16): ``Tensor.type()`` without arguments reports CPU tensors under their CUDA names.
@@ -43,6 +43,7 @@ DEVICE_MODULES = [
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without Apex)
+    "megatron.core.pipeline_parallel.schedules",
 ]
 
 

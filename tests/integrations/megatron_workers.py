@@ -188,3 +188,50 @@ def megatron_training(rank: int, world: int, titans, ids, labels, steps: int, wo
             ps.destroy_model_parallel()
         stack.close()
     return out
+
+
+def pipeline_parallel(rank: int, world: int, titans, ids, labels, workdir: str) -> dict:
+    """The Titans GPT through Megatron's pipeline schedule at PP=1 (each rank whole, data parallel 2)
+    and PP=2 (a stage per rank), same weights (PP=1's seeded init, saved and loaded at PP=2), two
+    microbatches. Returns ``{pp: losses}`` and saves each size's gradients as a checkpoint
+    (``grads_pp{pp}``) for the test to compare parameter by parameter."""
+    warnings.filterwarnings("ignore")
+    stack = apply_cpu_compat()
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from titans_pretrain.integrations.megatron import titans_gpt_model, titans_transformer_config
+
+    def forward_step(data_iterator, model):
+        out = model(ids, None, None, labels=labels)
+        return out, lambda o: (o.mean(), {"loss": o.mean().detach()})
+
+    out = {}
+    try:
+        for pp in (1, 2):
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            ps.initialize_model_parallel(pipeline_model_parallel_size=pp)
+            config = titans_transformer_config(titans, use_cpu_initialization=True, pipeline_model_parallel_size=pp,
+                                               pipeline_dtype=torch.float32)
+
+            def build():
+                return titans_gpt_model(titans, config, pre_process=ps.is_pipeline_first_stage(),
+                                        post_process=ps.is_pipeline_last_stage())
+
+            torch.manual_seed(0)
+            model = build()
+            if pp == 1:
+                _save(model, f"{workdir}/pp_init")
+            else:
+                _load(model, f"{workdir}/pp_init")
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([None, None]), model=[model],
+                num_microbatches=2, seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=False)
+            out[pp] = [x["loss"].item() for x in losses] if losses else None
+            _save_values(build(), {n: p.grad for n, p in model.named_parameters()}, f"{workdir}/grads_pp{pp}")
+    finally:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        stack.close()
+    return out

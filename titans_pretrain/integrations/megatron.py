@@ -56,7 +56,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
@@ -385,10 +385,16 @@ def titans_layer_spec(titans: TitansConfig) -> ModuleSpec:
     )
 
 
-def titans_block_spec(titans: TitansConfig) -> TransformerBlockSubmodules:
-    """``n_layers`` Titans layers and an RMSNorm final norm (``WrappedTorchNorm`` whatever the backend)."""
-    return TransformerBlockSubmodules(layer_specs=[titans_layer_spec(titans)] * titans.n_layers,
-                                      layer_norm=WrappedTorchNorm)
+def titans_block_spec(titans: TitansConfig, config: TransformerConfig | None = None,
+                      vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """This pipeline stage's Titans layers and an RMSNorm final norm (``WrappedTorchNorm`` whatever the
+    backend). With ``config``, the layers are those of the current pipeline (and virtual) stage, as
+    Megatron's own ``get_gpt_decoder_block_spec`` does; without it, all ``n_layers``."""
+    layer = titans_layer_spec(titans)
+    n = titans.n_layers
+    if config is not None and config.pipeline_model_parallel_size > 1:
+        n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=WrappedTorchNorm)
 
 
 def titans_gpt_model(titans: TitansConfig, config: TransformerConfig | None = None, *,
@@ -406,4 +412,4 @@ def titans_gpt_model(titans: TitansConfig, config: TransformerConfig | None = No
         rotary_base=titans.rope_theta,
     )
     kwargs.update(gpt_kwargs)
-    return GPTModel(config, titans_block_spec(titans), **kwargs)
+    return GPTModel(config, titans_block_spec(titans, config, kwargs.get("vp_stage")), **kwargs)
