@@ -12,8 +12,9 @@ library; on a GPU machine Megatron needs none of it):
    hard-coded ``device="cuda"``: rebuilt on CPU (same values).
 4. ``torch.cuda.synchronize`` -> no-op: ``dist_checkpointing`` synchronises around its writes.
 5. Megatron's optimizer modules, pipeline schedules and ``megatron.core.utils``' gradient norm
-   create small tensors with a hard-coded ``device="cuda"`` (loss scale, norms, overflow buffers): their module-level
-   ``torch`` is a proxy whose tensor factories send ``"cuda"`` to the CPU.
+   create small tensors with a hard-coded ``device="cuda"`` (loss scale, norms, token counts,
+   overflow buffers): their module-level ``torch`` is a proxy whose tensor factories send
+   ``"cuda"`` to the CPU.
 6. Tensor type names: the optimizers accept only ``param.type() == "torch.cuda.FloatTensor"`` (and
    Half/BFloat16): ``Tensor.type()`` without arguments reports CPU tensors under their CUDA names.
 """
