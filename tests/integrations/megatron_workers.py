@@ -181,6 +181,7 @@ def megatron_training(rank: int, world: int, titans, ids, labels, steps: int, wo
                 assert ok
                 history.append((loss.item(), grad_norm))
             out[tp] = history
+        out["mixer_all_reduces"] = _count_mixer_all_reduces(titans, ids)
     finally:
         from megatron.core import parallel_state as ps
 
@@ -235,3 +236,25 @@ def pipeline_parallel(rank: int, world: int, titans, ids, labels, workdir: str) 
             ps.destroy_model_parallel()
         stack.close()
     return out
+
+
+def _count_mixer_all_reduces(titans, ids) -> tuple[int, int]:
+    """All-reduces of one TitansMemoryMixer at the current TP size: (forward, backward)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from titans_pretrain.integrations.megatron import TitansMemoryMixer, titans_transformer_config
+    from megatron.core import parallel_state as ps
+
+    config = titans_transformer_config(titans, use_cpu_initialization=True,
+                                       tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size())
+    mixer = TitansMemoryMixer(config, titans)
+    x = torch.randn(ids.shape[1], ids.shape[0], titans.d_model, requires_grad=True)
+    calls = []
+    real = dist.all_reduce
+    with mock.patch.object(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        out, _ = mixer(x)
+        forward = len(calls)
+        out.sum().backward()
+    return forward, len(calls) - forward

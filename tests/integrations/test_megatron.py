@@ -252,6 +252,7 @@ def test_megatron_ddp_distributed_optimizer_tp1_equals_tp2(tmp_path):
     ids, labels = (torch.randint(0, titans.vocab_size, (2, 21), generator=g) for _ in range(2))
     r0, r1 = spawn_ranks(megatron_training, 2, titans, ids, labels, 3, str(tmp_path))
     assert r0 == r1
+    assert r0["mixer_all_reduces"] == (1, 1)  # TP=2 memory layer: out_proj forward, the input grad backward
     a, b = read_megatron_checkpoint(tmp_path / "seeded_init_tp1"), read_megatron_checkpoint(tmp_path / "seeded_init_tp2")
     assert a.keys() == b.keys()
     for k in a:

@@ -8,7 +8,7 @@ trainer) and swap the token mixer of a layer for a Titans one through a ``Module
   and output-gate projections, ``RowParallelLinear`` for the output projection) and holding only
   this rank's heads. Everything between the projections (causal conv, SiLU, l2-norm, per-head
   gates, ``M_0``, the memory core, per-head output norm) is MemoryLayer's own code, and it is local to
-  a head, so tensor parallelism over heads costs exactly Megatron's usual two collectives per layer.
+  a head, so tensor parallelism over heads costs one all-reduce forward and one backward per layer.
 * :class:`TitansMALMixer`, :class:`TitansMAGMixer` and :class:`TitansMACMixer` combine that memory
   with Megatron's own ``SelfAttention`` (sliding window for MAL/MAG, the MAC segment mask for MAC),
   as our native blocks do (``titans_pretrain.models.blocks``).
@@ -46,7 +46,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -174,8 +174,10 @@ class TitansMemoryMixer(MemoryLayer, MegatronModule):
         self.theta_max, self.eta_max, self.per_chunk_gates = c.theta_max, c.eta_max, c.per_chunk_gates
         H, D, d = c.n_heads, self.head_dim, c.d_model
         inner, local_inner = H * D, self.n_heads * D
+        # The seven column projections read the same input: instead of an all-reduce of the input
+        # gradient per projection, one for all (_tp_input), so the layer's backward costs one.
         col = partial(_Column, config=config, init_method=config.init_method, gather_output=False,
-                      tp_group=self.tp_group)
+                      tp_group=self.tp_group, disable_grad_reduce=True)
         self.q_proj = col(d, inner, bias=False)
         self.k_proj = col(d, inner, bias=False)
         self.v_proj = col(d, inner, bias=False)
@@ -227,11 +229,23 @@ class TitansMemoryMixer(MemoryLayer, MegatronModule):
                 nn.init.uniform_(full, -bound, bound)
                 conv.weight.copy_(self._local(full))
 
+    def _tp_input(self, x: Tensor) -> Tensor:
+        """Identity forward; backward all-reduces the input gradient over TP (the heads' shares)."""
+        return copy_to_tensor_model_parallel_region(x, group=self.tp_group) if self.tp_size > 1 else x
+
+    def write_read(self, x: Tensor, state=None):
+        """:meth:`MemoryLayer.forward` on ``x`` ``[b, s, h]`` (this rank's heads): ``(out, state)``."""
+        return MemoryLayer.forward(self, self._tp_input(x), state)
+
+    def read_context(self, x: Tensor, state=None):  # type: ignore[override]
+        """:meth:`MemoryLayer.read_context` (MAC's read without update) on this rank's heads."""
+        return MemoryLayer.read_context(self, self._tp_input(x), state)
+
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):  # type: ignore[override]
         """``[s, b, h]`` -> ``([s, b, h], None)``: write every token into the memory and read it back
         (MemoryLayer.forward on this rank's heads; ``out_proj`` sums the heads over TP)."""
         _no_unsupported(**kwargs)
-        out, _ = MemoryLayer.forward(self, hidden_states.transpose(0, 1).contiguous())
+        out, _ = self.write_read(hidden_states.transpose(0, 1).contiguous())
         return out.transpose(0, 1).contiguous(), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
@@ -354,7 +368,7 @@ class TitansMACMixer(_Hybrid):
             pos = torch.cat((torch.arange(n), C + torch.arange(n))).to(table.device)
             y, _ = self.attention(kv, self._mask(n, kv.device), rotary_pos_emb=table[pos])
             u = self.memory_in_norm(y[n:].transpose(0, 1))
-            r, state = MemoryLayer.forward(self.memory, u, state)
+            r, state = self.memory.write_read(u, state)
             outs.append(u * r)
         return torch.cat(outs, dim=1).transpose(0, 1).contiguous(), None
 
