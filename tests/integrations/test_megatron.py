@@ -79,6 +79,20 @@ def test_converter_round_trip_is_exact(variant):
         assert torch.equal(back[k], v), k
 
 
+def test_converter_tied_embeddings():
+    """Tied models have no Megatron output layer (GPTModel shares the embedding); back, the head is
+    the embedding again."""
+    from titans_pretrain.integrations.megatron_convert import megatron_to_native, native_to_megatron
+
+    titans = tiny("mag", tie_embeddings=True)
+    native = TitansLM(titans).state_dict()
+    meg = native_to_megatron(native, titans)
+    assert "output_layer.weight" not in meg
+    back = megatron_to_native(meg, titans)
+    assert torch.equal(back["lm_head.weight"], native["embed.weight"])
+    assert all(torch.equal(back[k], v) for k, v in native.items())
+
+
 def test_converter_layouts():
     """SwiGLU as fc1 = [gate; up]; fused qkv per head [q_h; k_h; v_h] (Megatron's MHA layout)."""
     from titans_pretrain.integrations.megatron_convert import native_to_megatron
