@@ -133,6 +133,10 @@ def test_config_mismatch_errors():
         _check_shapes(titans_transformer_config(tiny("lmm", d_model=64)), titans, 1)
     with pytest.raises(ValueError, match="n_heads=4 is not divisible by the tensor-parallel size 3"):
         _check_shapes(config, titans, 3)
+    from titans_pretrain.integrations.megatron import _check_window
+
+    with pytest.raises(ValueError, match=r"window=8 tokens: set TransformerConfig.window_size=\(7, 0\) \(got None\)"):
+        _check_window(config, tiny("mag"), "MAG")
 
 
 # ------------------------------------------------------------------------- the distributed run

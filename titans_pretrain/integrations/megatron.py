@@ -290,6 +290,21 @@ class _Hybrid(MegatronModule):
         return RMSNorm(self.titans.d_model, eps=self.titans.norm_eps)
 
 
+def _check_window(config: TransformerConfig, titans: TitansConfig, name: str) -> None:
+    want = (titans.window - 1, 0)
+    if config.window_size is None or tuple(config.window_size) != want:
+        raise ValueError(f"{name} attention is a sliding window of TitansConfig.window={titans.window} tokens: "
+                         f"set TransformerConfig.window_size={want} (got {config.window_size}); "
+                         "titans_transformer_config(titans) does")
+
+
+def _rope(rotary_pos_emb, name: str):
+    if rotary_pos_emb is None:
+        raise ValueError(f"{name} attention needs RoPE: build the GPTModel with position_embedding_type='rope' "
+                         "(titans_gpt_model does)")
+    return rotary_pos_emb
+
+
 class TitansMALMixer(_Hybrid):
     """Memory as a layer (MAL): ``x + m + attn(attn_norm(x + m))`` with ``m = memory(memory_norm(x))``.
 
@@ -298,14 +313,14 @@ class TitansMALMixer(_Hybrid):
 
     def __init__(self, config, titans, layer_number=1, pg_collection=None, **_unused):
         super().__init__(config, titans, layer_number, pg_collection)
-        if config.window_size is None:
-            raise ValueError("MAL attention is sliding-window: set TransformerConfig.window_size=(window - 1, 0)")
+        _check_window(config, titans, "MAL")
         self.memory_norm, self.attn_norm = self._norm(), self._norm()
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):
         _no_unsupported(**kwargs)
         m, _ = self.memory(self.memory_norm(hidden_states))
-        y, _ = self.attention(self.attn_norm(hidden_states + m), attention_mask, rotary_pos_emb=rotary_pos_emb)
+        y, _ = self.attention(self.attn_norm(hidden_states + m), attention_mask,
+                              rotary_pos_emb=_rope(rotary_pos_emb, "MAL"))
         return m + y, None
 
 
@@ -315,13 +330,12 @@ class TitansMAGMixer(_Hybrid):
 
     def __init__(self, config, titans, layer_number=1, pg_collection=None, **_unused):
         super().__init__(config, titans, layer_number, pg_collection)
-        if config.window_size is None:
-            raise ValueError("MAG attention is sliding-window: set TransformerConfig.window_size=(window - 1, 0)")
+        _check_window(config, titans, "MAG")
         self.attn_out_norm, self.memory_out_norm = self._norm(), self._norm()
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):
         _no_unsupported(**kwargs)
-        y, _ = self.attention(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        y, _ = self.attention(hidden_states, attention_mask, rotary_pos_emb=_rope(rotary_pos_emb, "MAG"))
         m, _ = self.memory(hidden_states)
         return self.attn_out_norm(y) * torch.sigmoid(self.memory_out_norm(m)), None
 
