@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["hf_to_native", "load_hf_weights", "titans_config_from_json"]
+__all__ = ["hf_to_native", "load_hf_weights", "titans_config_from_json", "write_start_checkpoint"]
 
 
 def titans_config_from_json(hf_dir: Path):
@@ -86,27 +86,11 @@ def hf_to_native(hf_dir: str | Path, run_dir: str | Path, *, config_path: str | 
 
     Returns the checkpoint folder. ``titans-pretrain train CONFIG run_dir=RUN_DIR`` (or the written
     ``run_dir/config.yaml``) then resumes from it."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from titans_pretrain.config import ConfigError, resolve_layout, save_config
     from titans_pretrain.models import TitansLM
-    from titans_pretrain.train import checkpoint as ckpt
-    from titans_pretrain.train.data import ensure_dataset, make_loader
-    from titans_pretrain.train.optim import build_optimizer, build_scheduler
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     model_config, hf_raw = titans_config_from_json(hf_dir)
     cfg = _run_config(hf_raw, model_config, run_dir, config_path, list(overrides))
-    if cfg.parallel.engine != "native":
-        raise ConfigError("the reverse conversion writes a native-engine checkpoint; set parallel.engine=native "
-                          "(DeepSpeed resumes only its own ZeRO files)")
-    root = run_dir / "checkpoints"
-    if ckpt.list_checkpoints(root):
-        raise FileExistsError(f"{root} already holds checkpoints; `train` would resume from the newest of "
-                              "them, not from this import: choose a new run_dir")
-
     model = TitansLM(model_config)
     state = load_hf_weights(hf_dir)
     if model_config.tie_embeddings:
@@ -115,6 +99,30 @@ def hf_to_native(hf_dir: str | Path, run_dir: str | Path, *, config_path: str | 
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: weights do not match its config.json (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+    return write_start_checkpoint(model, cfg, run_dir, source=str(hf_dir), log=log)
+
+
+def write_start_checkpoint(model, cfg, run_dir: str | Path, *, source: str, log=print) -> Path:
+    """Write ``model`` (a ``TitansLM`` matching ``cfg.model``) as ``run_dir/checkpoints/step_00000000``
+    with a fresh optimizer, schedule and data position, and ``run_dir/config.yaml``: a checkpoint
+    ``train`` resumes from like any native one. ``source`` is recorded as ``imported_from``."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from titans_pretrain.config import ConfigError, resolve_layout, save_config
+    from titans_pretrain.train import checkpoint as ckpt
+    from titans_pretrain.train.data import ensure_dataset, make_loader
+    from titans_pretrain.train.optim import build_optimizer, build_scheduler
+
+    run_dir = Path(run_dir)
+    if cfg.parallel.engine != "native":
+        raise ConfigError("the reverse conversion writes a native-engine checkpoint; set parallel.engine=native "
+                          "(DeepSpeed resumes only its own ZeRO files)")
+    root = run_dir / "checkpoints"
+    if ckpt.list_checkpoints(root):
+        raise FileExistsError(f"{root} already holds checkpoints; `train` would resume from the newest of "
+                              "them, not from this import: choose a new run_dir")
 
     manifest = ensure_dataset(cfg, log=log)
     loader = make_loader(manifest, cfg, "train", 0, 1)
@@ -128,7 +136,7 @@ def hf_to_native(hf_dir: str | Path, run_dir: str | Path, *, config_path: str | 
     extra = {"rank": 0, "dp_rank": 0, "dp_size": 1, "loader": loader.state_dict(), "rng": ckpt.rng_state(),
              "scheduler": scheduler.state_dict(), "step": 0, "tokens": 0, "bad_in_a_row": 0, "skipped": 0}
     meta = {"step": 0, "tokens": 0, "world_size": 1, "dp_size": 1, "engine": "native", "layout": layout,
-            "time": time.time(), "imported_from": str(hf_dir)}
+            "time": time.time(), "imported_from": source}
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     manager = ckpt.CheckpointManager(root, cfg.checkpoint, log=log)

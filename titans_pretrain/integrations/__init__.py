@@ -1,0 +1,1 @@
+"""Bridges to other training stacks (optional extras; importing a submodule needs its extra)."""
