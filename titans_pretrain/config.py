@@ -379,9 +379,9 @@ def _validate_context_parallel(cfg: RunConfig) -> None:
     if p.compile:
         raise ConfigError(f"parallel.cp={p.cp} with parallel.compile=true is not supported yet (the state "
                           "relay is not traced); set parallel.compile=false")
-    if p.pp > 1:
-        raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp} is not supported yet (the relay "
-                          "inside pipeline stages is untested); use cp with dp and tp, or set parallel.cp=1")
+    if p.pp > 1 and p.cp_microbatches > 1:
+        raise ConfigError(f"parallel.cp_microbatches={p.cp_microbatches} with parallel.pp={p.pp}: the pipeline's "
+                          "micro-batches already fill the cp wavefront; set parallel.cp_microbatches=1")
     if cfg.train.micro_batch_size % p.cp_microbatches:
         raise ConfigError(f"parallel.cp_microbatches ({p.cp_microbatches}) must divide train.micro_batch_size "
                           f"({cfg.train.micro_batch_size})")

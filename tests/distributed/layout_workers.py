@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -71,3 +72,37 @@ def load_full_state(rank: int, world: int, overrides: list[str], folder: str) ->
     _, _, _, engine = _engine(world, overrides, seed_offset=world + 7)  # other init: load must overwrite
     engine.load(Path(folder))
     return _full_state(engine)
+
+
+def _check(result: dict, ref: dict, name: str) -> None:
+    """`result` holds this rank's parameters only (a pipeline rank holds its stages)."""
+    assert result["grads"].keys() <= ref["grads"].keys()
+    for k, g in result["grads"].items():
+        torch.testing.assert_close(g, ref["grads"][k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name} grad {k}: {m}")
+    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6), name
+    assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5), name
+    for k, w in result["weights"].items():
+        torch.testing.assert_close(w, ref["weights"][k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} weight {k}: {m}")
+
+
+def check_layout(ranks: list[dict], cases: dict[str, list[str]], refs: dict[str, dict]) -> None:
+    for name in cases:
+        held: set[str] = set()
+        for r in ranks:
+            _check(r[name], refs[name], name)
+            held |= r[name]["grads"].keys()
+        assert held == refs[name]["grads"].keys(), f"{name}: parameters held by no rank"
+
+
+# AdamW divides by sqrt(v) + eps: with the default eps (1e-8) a gradient entry near zero (a rare
+# token's embedding row, M_0 at init) turns 1e-7 of summation-order noise into an O(lr) step of
+# either sign. A larger eps keeps the after-update comparison meaningful at fp32 tolerance.
+ADAM = ["optim.eps=1e-4"]
+
+
+def references(cases: dict[str, list[str]]) -> dict[str, dict]:
+    """`plain_reference` (2 steps) for each case, with the case's model and optim overrides."""
+    from trainer_workers import plain_reference
+
+    return {name: plain_reference([o for o in ov if o.startswith(("model.", "optim."))], steps=2)
+            for name, ov in cases.items()}

@@ -42,25 +42,23 @@ def test_cp_matches_one_process_fp64_every_variant():
     assert ranks[-1]["mac-cp4"]["boundary_bytes"] == {}  # the last slice hands nothing on
 
 
-def test_dp_x_cp_engine_matches_single_device_and_checkpoint_resumes_at_cp1(tmp_path):
-    """The trainer's engine (FSDP2 over dp, state relay over cp) on 4 processes vs plain
-    single-device PyTorch: dp=2 x cp=2 (MAC, FSDP2 and DDP), cp=4 (MAG, window spanning slices)
-    and cp=2 x tp=2 (heads split, each tp shard relays its heads' state); then a dp=2 x cp=2
-    checkpoint loads exactly on 1 process."""
-    from trainer_workers import check_against_reference, engine_cases, load_state, plain_reference, save_after_steps
+def test_cp_layouts_match_single_device_and_checkpoint_loads_at_cp1(tmp_path):
+    """The trainer's engine on 4 processes vs plain single-device PyTorch (gradients of every
+    parameter, then 2 AdamW steps): dp=2 x cp=2 (MAC, FSDP2; and DDP with 2 pieces per hand-off),
+    cp=4 (MAG, a window spanning slices), cp=2 x tp=2 (each tp shard relays its heads' state) and
+    pp=2 x cp=2 (1F1B: several micro-batches in flight through each stage's relay); then a
+    dp=2 x cp=2 checkpoint loads exactly on 1 process."""
+    from layout_workers import ADAM, check_layout, layout_cases, references
+    from trainer_workers import load_state, save_after_steps
 
-    eps = "optim.eps=1e-4"  # see test_tensor_pipeline_parallel: AdamW amplifies summation-order noise
     cases = {"dp2xcp2": ["parallel.cp=2"],
              "dp2xcp2-ddp-m2": ["parallel.cp=2", "parallel.data_parallel=ddp", "parallel.cp_microbatches=2"],
              "cp4-mag": ["parallel.cp=4", "model.variant=mag", "model.window=12"],
-             "cp2xtp2": ["parallel.cp=2", "parallel.tp=2", eps]}
-    ranks = spawn_ranks(engine_cases, 4, cases)
-    refs = {"dp2xcp2": plain_reference([]), "cp4-mag": plain_reference(["model.variant=mag", "model.window=12"]),
-            "cp2xtp2": plain_reference([eps])}
-    refs["dp2xcp2-ddp-m2"] = refs["dp2xcp2"]
-    for name in cases:
-        for r in ranks:
-            check_against_reference(r[name], refs[name])
+             "cp2xtp2": ["parallel.cp=2", "parallel.tp=2"],
+             "pp2xcp2": ["parallel.cp=2", "parallel.pp=2"]}
+    cases = {name: [*ADAM, *ov] for name, ov in cases.items()}
+    ranks = spawn_ranks(layout_cases, 4, cases)
+    check_layout(ranks, cases, references(cases))
 
     saved = spawn_ranks(save_after_steps, 4, ["parallel.cp=2"], str(tmp_path / "ckpt"))[0]
     loaded = spawn_ranks(load_state, 1, [], str(tmp_path / "ckpt"))[0]
@@ -75,7 +73,7 @@ def test_dp_x_cp_engine_matches_single_device_and_checkpoint_resumes_at_cp1(tmp_
     (["parallel.cp=4", "model.variant=lmm", "model.chunk_size=16"], "memory chunk (model.chunk_size)"),
     (["parallel.cp=2", "parallel.engine=deepspeed"], "needs parallel.engine=native"),
     (["parallel.cp=2", "parallel.cp_microbatches=3"], "must divide train.micro_batch_size"),
-    (["parallel.cp=2", "parallel.pp=2"], "parallel.cp=2 with parallel.pp=2 is not supported yet"),
+    (["parallel.cp=2", "parallel.pp=2", "parallel.cp_microbatches=2"], "already fill the cp wavefront"),
 ])
 def test_bad_cp_layouts_are_refused_with_the_fix(overrides, message):
     from titans_pretrain.config import ConfigError, load_config

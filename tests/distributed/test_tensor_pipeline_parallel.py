@@ -14,46 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from layout_workers import layout_cases, load_full_state
+from layout_workers import ADAM, check_layout, layout_cases, load_full_state, references
 from trainer_spawn import spawn_ranks
-from trainer_workers import plain_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _check(result: dict, ref: dict, name: str) -> None:
-    """`result` holds this rank's parameters only (a pipeline rank holds its stages)."""
-    assert result["grads"].keys() <= ref["grads"].keys()
-    for k, g in result["grads"].items():
-        torch.testing.assert_close(g, ref["grads"][k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name} grad {k}: {m}")
-    assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6), name
-    assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5), name
-    for k, w in result["weights"].items():
-        torch.testing.assert_close(w, ref["weights"][k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} weight {k}: {m}")
-
-
-def _check_layout(ranks: list[dict], cases: dict[str, list[str]], refs: dict[str, dict]) -> None:
-    for name in cases:
-        held: set[str] = set()
-        for r in ranks:
-            _check(r[name], refs[name], name)
-            held |= r[name]["grads"].keys()
-        assert held == refs[name]["grads"].keys(), f"{name}: parameters held by no rank"
-
-
-# AdamW divides by sqrt(v) + eps: with the default eps (1e-8) a gradient entry near zero (a rare
-# token's embedding row, M_0 at init) turns 1e-7 of summation-order noise into an O(lr) step of
-# either sign. A larger eps keeps the after-update comparison meaningful at fp32 tolerance.
-ADAM = ["optim.eps=1e-4"]
-
-
 def _cases(cases: dict[str, list[str]]) -> dict[str, list[str]]:
     return {name: [*ADAM, *ov] for name, ov in cases.items()}
-
-
-def _refs(cases: dict[str, list[str]]) -> dict[str, dict]:
-    return {name: plain_reference([o for o in ov if o.startswith(("model.", "optim."))], steps=2)
-            for name, ov in cases.items()}
 
 
 def test_tensor_parallel_every_variant_matches_single_device():
@@ -66,7 +34,7 @@ def test_tensor_parallel_every_variant_matches_single_device():
     }
     cases = _cases(cases)
     ranks = spawn_ranks(layout_cases, 2, cases)
-    _check_layout(ranks, cases, _refs(cases))
+    check_layout(ranks, cases, references(cases))
     # each rank holds only its heads: M_0 (H, D, E), conv (H*D, 1, K), per-head norm (H, 1, D)
     shapes = ranks[1]["mac+ac"]["local_shapes"]
     assert shapes["blocks.0.memory.initial_weights.0"] == (1, 16, 32)
@@ -85,7 +53,7 @@ def test_pipeline_schedules_match_single_device():
     }
     cases = _cases(cases)
     ranks = spawn_ranks(layout_cases, 2, cases)
-    _check_layout(ranks, cases, _refs(cases))
+    check_layout(ranks, cases, references(cases))
     assert "embed.weight" in ranks[0]["1f1b-mac"]["grads"] and "lm_head.weight" in ranks[1]["1f1b-mac"]["grads"]
 
 
@@ -102,7 +70,7 @@ def test_four_rank_layouts_match_single_device_and_reshard(tmp_path):
     cases = _cases(cases)
     folder = str(tmp_path / "tp2xpp2")
     ranks = spawn_ranks(layout_cases, 4, cases, 2, {"tp2xpp2": folder})
-    _check_layout(ranks, cases, _refs(cases))
+    check_layout(ranks, cases, references(cases))
 
     saved: dict = {}
     for r in ranks:  # each pipeline rank holds its stages' part of the full state
@@ -120,7 +88,7 @@ def test_dp_pp_tp_eight_ranks_matches_single_device():
                                 "parallel.activation_checkpointing=true"]}
     cases = _cases(cases)
     ranks = spawn_ranks(layout_cases, 8, cases)
-    _check_layout(ranks, cases, _refs(cases))
+    check_layout(ranks, cases, references(cases))
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -41,7 +41,8 @@ from titans_pretrain.models.titans import upcast
 __all__ = ["ContextParallel", "RelayStats", "apply_context_parallel", "flatten_state", "unflatten_state",
            "check_cp_layout"]
 
-_SLOTS = 64  # tags per (block, piece): more than the tensors of any block state
+_SLOTS = 64  # tags per (block, call, piece): more than the tensors of any block state
+_CALLS = 64  # calls of a block told apart by tag: micro-batches a pipeline keeps in flight, and more
 
 
 # ------------------------------------------------------------------------------ state <-> tensors
@@ -136,7 +137,6 @@ class ContextParallel:
         self._specs: dict[tuple, StateSpec] = {}
         self._pending: list[tuple[dist.Work, Tensor]] = []
         self._count: tuple[dist.Work, Tensor] | None = None
-        self._anchor = torch.zeros((), requires_grad=True)  # gives _Receive a backward
 
     # -- data
     def shard(self, t: Tensor) -> Tensor:
@@ -200,8 +200,8 @@ class ContextParallel:
 
     # -- point to point
     def _tag(self, key: tuple, i: int, backward: bool) -> int:
-        block, piece = key[0], key[1]
-        return ((block * self.microbatches + piece) * 2 + int(backward)) * _SLOTS + i + 1
+        block, piece, call = key[:3]
+        return (((block * _CALLS + call) * self.microbatches + piece) * 2 + int(backward)) * _SLOTS + i + 1
 
     def _isend(self, tensors: list[Tensor], dst: int, key: tuple, backward: bool) -> None:
         for i, t in enumerate(tensors):
@@ -239,36 +239,44 @@ class ContextParallel:
             self._specs[key] = box[0]
         return self._specs[key]
 
-    def receive(self, key: tuple, device) -> BlockState | None:
+    def receive(self, key: tuple, x: Tensor) -> BlockState | None:
+        """The entry state of the block whose input slice is ``x``. ``x`` anchors the receive in
+        the graph: a backward that asks only for input gradients (``autograd.grad(inputs=...)``, as
+        the pipeline schedule's does) must still run it, or rank r-1 would wait forever."""
         if self.prev is None:
             return None
-        spec = self._spec_exchange(("recv",) + key, None)
-        tensors = _Receive.apply(self._anchor, self, key, spec, device)
+        spec = self._spec_exchange(("recv",) + _layout_key(key), None)
+        tensors = _Receive.apply(x, self, key, spec)
         return unflatten_state(tensors, spec)
 
     def send(self, key: tuple, y: Tensor, state: BlockState) -> Tensor:
         if self.next is None:
             return y
         tensors, spec = flatten_state(state)
-        sent = self._spec_exchange(("send",) + key, spec)
+        sent = self._spec_exchange(("send",) + _layout_key(key), spec)
         if sent != spec:
             raise RuntimeError(f"context parallelism: block state changed shape within a run ({sent} -> {spec})")
         self.stats.handoff_bytes[key[:2]] = spec.nbytes
         return _Send.apply(self, key, spec, y, *tensors)
 
 
+def _layout_key(key: tuple) -> tuple:
+    """A message key without its call number: what the cached state layout depends on."""
+    return key[:2] + key[3:]
+
+
 class _Receive(torch.autograd.Function):
     """Forward: receive the entry state from rank r-1. Backward: send its gradient back."""
 
     @staticmethod
-    def forward(ctx, anchor, relay: ContextParallel, key, spec: StateSpec, device):
+    def forward(ctx, anchor, relay: ContextParallel, key, spec: StateSpec):
         ctx.relay, ctx.key = relay, key
-        return tuple(relay._recv(spec, relay.prev, key, backward=False, device=device))
+        return tuple(relay._recv(spec, relay.prev, key, backward=False, device=anchor.device))
 
     @staticmethod
     def backward(ctx, *grads):
         ctx.relay._isend(list(grads), ctx.relay.prev, ctx.key, backward=True)
-        return None, None, None, None, None
+        return None, None, None, None
 
 
 class _Send(torch.autograd.Function):
@@ -315,15 +323,19 @@ class _RelayedForward:
 
     def __init__(self, forward, index: int, cp: ContextParallel):
         self.forward, self.index, self.cp = forward, index, cp
+        self.calls = 0  # every rank of the group calls its block equally often, in the same order
 
     def __call__(self, x: Tensor, state: BlockState | None = None, return_state: bool = False):
         if state is not None or return_state:
             return self.forward(x, state, return_state=return_state)
         pieces = torch.tensor_split(x, min(self.cp.microbatches, x.shape[0]), dim=0)
+        call, self.calls = self.calls % _CALLS, self.calls + 1
         outs = []
         for i, piece in enumerate(pieces):
-            key = (self.index, i, tuple(piece.shape), piece.dtype, torch.is_autocast_enabled())
-            entry = self.cp.receive(key, piece.device)
+            # (block, call, piece) tag the messages, so calls in flight together (a pipeline's
+            # micro-batches) never take each other's; the rest keys the cached state layout
+            key = (self.index, i, call, tuple(piece.shape), piece.dtype, torch.is_autocast_enabled())
+            entry = self.cp.receive(key, piece)
             y, exit_state = self.forward(piece, entry, return_state=True)
             outs.append(self.cp.send(key, y, exit_state))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -24,6 +24,7 @@ The model is built whole on every rank (same seed), then each rank keeps only it
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ from torch.distributed.tensor import DTensor
 
 from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
+
+if TYPE_CHECKING:  # pragma: no cover
+    from titans_pretrain.distributed.context_parallel import ContextParallel
 
 __all__ = ["Pipeline", "StageModel", "StageView", "balanced_split", "stage_layer_ranges"]
 
@@ -136,9 +140,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Pipeline:
     """Splits ``model`` for this rank, applies tp/ac/compile/FSDP2 per stage, runs the schedule."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device,
+                 cp: ContextParallel | None = None):
         p, layout = cfg.parallel, dims.layout
-        self.cfg, self.dims, self.device = cfg, dims, device
+        self.cfg, self.dims, self.device, self.cp = cfg, dims, device, cp
         self.pp_mesh = dims.mesh["pp"]
         self.group = self.pp_mesh.get_group()
         self.pp, self.rank = layout.pp, self.pp_mesh.get_local_rank()
@@ -165,10 +170,11 @@ class Pipeline:
                        for s, view in zip(self.stage_ids, self.views)]
         n_micro = layout.grad_accum
         schedule_cls = _SCHEDULES[p.pp_schedule]
+        loss_fn = lm_loss if cp is None else cp.loss  # under cp: this slice's share of the mean
         if p.pp_schedule == "interleaved_1f1b":
-            self.schedule = schedule_cls(self.stages, n_microbatches=n_micro, loss_fn=lm_loss)
+            self.schedule = schedule_cls(self.stages, n_microbatches=n_micro, loss_fn=loss_fn)
         else:
-            self.schedule = schedule_cls(self.stages[0], n_microbatches=n_micro, loss_fn=lm_loss)
+            self.schedule = schedule_cls(self.stages[0], n_microbatches=n_micro, loss_fn=loss_fn)
         self.last_rank = dist.get_global_rank(self.group, self.pp - 1)
 
     def _parallelize(self, p) -> None:
@@ -176,7 +182,7 @@ class Pipeline:
         each stage module is an FSDP root, blocks stay gathered across micro-batches."""
         from titans_pretrain.distributed.parallelize import parallelize
 
-        parallelize(self.model, self.dims, p, fsdp_roots=self.views, reshard_after_forward=False)
+        parallelize(self.model, self.dims, p, cp=self.cp, fsdp_roots=self.views, reshard_after_forward=False)
 
     def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
         from titans_pretrain.distributed.tensor_parallel import loss_context
@@ -184,6 +190,8 @@ class Pipeline:
 
         ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
         labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)
+        if self.cp is not None:  # every stage of a cp rank works on its slice of the sequences
+            ids, labels = self.cp.shard(ids), self.cp.shard(labels)
         args = (ids,) if self.is_first else ()
         losses: list = [] if self.is_last else None
         kwargs = {"target": labels, "losses": losses} if self.is_last else {}

@@ -79,7 +79,7 @@ class NativeEngine:
         if dims.layout.pp > 1:  # each rank keeps its stages; tp/ac/cp/FSDP2 are applied per stage
             from titans_pretrain.distributed.pipeline import Pipeline
 
-            self.pipeline = Pipeline(model, cfg, dims, device)
+            self.pipeline = Pipeline(model, cfg, dims, device, self.cp)
             self.model = self.pipeline.model
         else:
             self.model = parallelize(model, dims, cfg.parallel, self.cp)
