@@ -35,8 +35,9 @@ def _named(engine, what: str) -> dict:
 
 
 def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2, save_dir: str | None = None) -> dict:
-    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights
-    (and, with `save_dir`, a DCP checkpoint there and this rank's part of the full state)."""
+    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights,
+    the evaluated loss of a held-out batch (and, with `save_dir`, a DCP checkpoint there and this
+    rank's part of the full state)."""
     cfg, layout, dims, engine = _engine(world, overrides)
     engine.model.train()
     engine.forward_backward(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
@@ -48,8 +49,9 @@ def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2, save
         losses.append(res.loss)
         norms.append(res.grad_norm)
     shapes = {n: tuple((p.to_local() if isinstance(p, DTensor) else p).shape) for n, p in engine.named_parameters()}
+    val_loss = engine.evaluate(rank_micro_batches(cfg, layout, global_batch(cfg, 1), dims.dp_rank))
     out = {"grads": grads, "losses": losses, "norms": norms, "weights": _named(engine, "weights"),
-           "local_shapes": shapes}
+           "local_shapes": shapes, "val_loss": val_loss}
     if save_dir is not None:
         from trainer_workers import _full_state
 
@@ -81,6 +83,7 @@ def _check(result: dict, ref: dict, name: str) -> None:
         torch.testing.assert_close(g, ref["grads"][k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name} grad {k}: {m}")
     assert result["losses"] == pytest.approx(ref["losses"], rel=1e-6), name
     assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5), name
+    assert result["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5), name  # engine.evaluate
     for k, w in result["weights"].items():
         torch.testing.assert_close(w, ref["weights"][k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} weight {k}: {m}")
 

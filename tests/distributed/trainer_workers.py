@@ -101,7 +101,10 @@ def plain_reference(overrides: list[str], steps: int = 3) -> dict:
         sched.step()
         losses.append(float(loss.detach()))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"grads": grads, "losses": losses, "norms": norms, "weights": weights}
+    with torch.no_grad():  # a held-out batch after training
+        held_out = global_batch(cfg, 1)
+        val_loss = float(model(held_out["input_ids"], labels=held_out["labels"]).loss)
+    return {"grads": grads, "losses": losses, "norms": norms, "weights": weights, "val_loss": val_loss}
 
 
 def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> dict:

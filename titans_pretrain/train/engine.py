@@ -165,19 +165,19 @@ class NativeEngine:
     @torch.no_grad()
     def evaluate(self, batches) -> float:
         self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
         if self.pipeline is not None:
             loss = self.pipeline.evaluate_batches(list(batches))
-            self.model.train()
-            return float(mean_over_dp(loss, self.dims))
-        for batch in batches:
-            with self.loss_context():
-                total += _global_norm(self.forward_loss(batch)).float()
-            count += 1
+        else:
+            total, count = torch.zeros((), device=self.device), 0
+            for batch in batches:
+                with self.loss_context():
+                    total += _global_norm(self.forward_loss(batch)).float()
+                count += 1
+            loss = total / max(1, count)
         if self.cp is not None:
             self.cp.flush()
         self.model.train()
-        return float(mean_over_dp(self._sequence_loss(total) / max(1, count), self.dims))
+        return float(mean_over_dp(self._sequence_loss(loss), self.dims))
 
     # ------------------------------------------------------------------ checkpoint I/O
     def save(self, folder: Path, async_save: bool = False):
