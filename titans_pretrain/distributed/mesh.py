@@ -111,6 +111,19 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> torch.de
     return device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process groups at the end of a rank's run (no-op when none was joined).
+
+    Garbage is collected first, so the model, optimizer and the collectives' state are freed while
+    the interpreter is whole: left to interpreter teardown, gloo objects can die in any order (a
+    rank once aborted at exit with "terminate called without an active exception")."""
+    import gc
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass
 class ParallelDims:
     """The mesh plus the coordinates the trainer needs."""

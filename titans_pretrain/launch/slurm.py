@@ -206,10 +206,9 @@ class SlurmTrainTask:
             code = train(cfg)
         finally:
             signals.ignore_stops()  # done or saved: a late signal must not fail the job
-            import torch.distributed as dist
+            from titans_pretrain.distributed.mesh import shutdown_distributed
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            shutdown_distributed()
         if code == 0:
             return 0
         if code == signals.EXIT_PREEMPTED:

@@ -115,13 +115,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         signals.ignore_stops()  # done or saved: a late signal must not fail the job
-        import gc
+        from titans_pretrain.distributed.mesh import shutdown_distributed
 
-        import torch.distributed as dist
-
-        # Free the model, optimizer and their collectives' state while the interpreter is whole: left
-        # to interpreter teardown, gloo objects can die in any order (one rank aborted with
-        # "terminate called without an active exception" once in a CI run).
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
