@@ -7,6 +7,7 @@ the rest of the trainer never asks how it was started.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import socket
@@ -117,8 +118,6 @@ def shutdown_distributed() -> None:
     Garbage is collected first, so the model, optimizer and the collectives' state are freed while
     the interpreter is whole: left to interpreter teardown, gloo objects can die in any order (a
     rank once aborted at exit with "terminate called without an active exception")."""
-    import gc
-
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
