@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"profile: {exc}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
-
+    from titans_pretrain.distributed.mesh import shutdown_distributed
     from titans_pretrain.profile.runner import profile_config
 
     out = Path(args.out or Path(cfg.run_dir) / "profile")
@@ -93,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"profile: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
     if rank_zero:
         out.mkdir(parents=True, exist_ok=True)
         report = {"config": args.config, "overrides": list(args.overrides), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
