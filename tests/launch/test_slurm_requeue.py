@@ -52,10 +52,21 @@ def _wait(what: str, check, logs: Path, timeout: float = 90):
     raise AssertionError(f"timed out waiting for {what}\nsqueue:\n{queue}\n{tails}")
 
 
+def _node_busy_ending() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout
+    return "completing" in out or not out.strip()
+
+
 def _requeued(job: str, run: Path) -> int:
-    """Wait until the job is pending again, return the step it stopped at, then release it (a
-    requeued job would otherwise wait ~2 minutes for its BeginTime)."""
+    """Wait until the job is pending again, return the step it stopped at, then release it early.
+
+    Slurm holds a requeued job until BeginTime = now + CredExpire + 1 (~2 minutes) because slurmd
+    refuses a launch credential created in the same second as the old run's revocation ("Job
+    credential revoked", and the job ends FAILED). So release it only once slurmd has finished the
+    old allocation (the node is no longer completing) and the clock has moved past that second."""
     _wait(f"job {job} pending again", lambda: _job_state(job) == "PENDING", run / "slurm")
+    _wait(f"slurmd to finish job {job}'s old run", lambda: not _node_busy_ending(), run / "slurm")
+    time.sleep(2.0)
     stopped = max(_losses(run))
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     return stopped
