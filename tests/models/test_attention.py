@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from titans_pretrain.models.attention import (Attention, mac_segment_mask, rope_cos_sin,
+from titans_pretrain.models.attention import (Attention, banded_blocks, mac_segment_mask, rope_cos_sin,
                                               sliding_window_mask)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -114,6 +114,40 @@ def test_sliding_attention_matches_naive_loop_and_cache(attn, window):
         parts.append(yp)
         assert cache.k.shape[2] <= window - 1
     torch.testing.assert_close(torch.cat(parts, 1), y, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("window,T,off", [(1, 7, 0), (4, 8, 0), (4, 13, 3), (5, 23, 2), (8, 16, 7), (3, 6, 1)])
+def test_banded_blocks_equal_one_dense_call_values_and_gradients(attn, window, T, off):
+    """Long sliding-window inputs are attended block by block; the result and every gradient equal
+    one dense call with the full ``T x T`` mask, with cached keys in front and persistent tokens."""
+    torch.manual_seed(3)
+    B = 2
+    q = torch.randn(B, H, T, HD, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H, off + T, HD, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, H, off + T, HD, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(B, T, D_MODEL, dtype=torch.float64)
+
+    def run(banded):
+        if banded:
+            y = attn._attend(*banded_blocks(q, k, v, window))
+            y = y.reshape(B, -1, D_MODEL)[:, :T]
+        else:
+            pos = torch.arange(off, off + T)
+            y = attn._attend(q, k, v, sliding_window_mask(pos, torch.arange(off + T), window))
+        grads = torch.autograd.grad((y * weights).sum(), (q, k, v, attn.persistent))
+        return y, grads
+
+    y_band, g_band = run(True)
+    y_dense, g_dense = run(False)
+    torch.testing.assert_close(y_band, y_dense, rtol=1e-12, atol=1e-13)
+    for a, b in zip(g_band, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_banded_blocks_refuse_more_cached_keys_than_the_window_holds():
+    q = torch.zeros(1, 1, 8, 2)
+    with pytest.raises(ValueError, match="cached keys"):
+        banded_blocks(q, torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), window=4)
 
 
 def test_segment_attention_matches_naive_loop(attn):

@@ -168,10 +168,10 @@ def _reference_mac_block(block, x):
             visible = [j for j in range(n_p)] + [n_p + j for j in range(i + 1)] + [n_p + n + j for j in range(i + 1)]
             scores = torch.einsum("bhd,bhjd->bhj", queries[:, :, i], keys[:, :, visible]) / math.sqrt(D)
             y[:, :, i] = torch.einsum("bhj,bhjd->bhd", scores.softmax(-1), vals[:, :, visible])
-        y = attn.o_proj(y.transpose(1, 2).flatten(2))
-        # (3) the (normalised) attention output writes the memory; (4) o = u * read after each
-        # token's own update
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.norm_eps) * block.memory_in_norm.weight
+        y_attn = attn.o_proj(y.transpose(1, 2).flatten(2))
+        # (3) the (normalised) attention output writes the memory; (4) o = y gated by the read
+        # after each token's own update (or u * read, the "product" option)
+        y = y_attn * torch.rsqrt(y_attn.pow(2).mean(-1, keepdim=True) + c.norm_eps) * block.memory_in_norm.weight
         ys.append(y)
         y_all = torch.cat(ys, dim=1)  # the conv streams over y run across segments
         q = F.normalize(heads(F.silu(_naive_conv(mem.q_proj(y_all), mem.q_conv.weight)))[:, :, -n:], dim=-1)
@@ -182,19 +182,27 @@ def _reference_mac_block(block, x):
         alpha = torch.sigmoid(mem.alpha_proj(y)).transpose(1, 2)
         r, state = memory_recurrent(q, k, v, theta, eta, alpha, state, chunk_size=c.chunk_size,
                                     activation=c.memory_activation)
-        outs.append(y * out_head(r, y))
+        r = out_head(r, y)
+        if c.mac_output_gate == "sigmoid":
+            gate = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + c.norm_eps) * block.memory_out_norm.weight
+            outs.append(y_attn * torch.sigmoid(gate))
+        else:
+            outs.append(y * r)
     x = x + torch.cat(outs, dim=1)
     return x + block.mlp(block.mlp_norm(x))
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(segment_len=6, chunk_size=4, memory_depth=1,
-                                                    memory_activation="silu", n_persistent=1)])
+                                                    memory_activation="silu", n_persistent=1,
+                                                    mac_output_gate="product")])
 def test_mac_matches_slow_reference(make_model, overrides):
     model = make_model("mac", **overrides)
     with torch.no_grad():  # make every part matter: a non-trivial output-norm scale
         for block in model.blocks:
             block.memory.out_norm.weight.uniform_(0.5, 1.5)
             block.memory_in_norm.weight.uniform_(0.5, 1.5)
+            if model.config.mac_output_gate == "sigmoid":
+                block.memory_out_norm.weight.uniform_(0.5, 1.5)
     torch.manual_seed(3)
     ids = torch.randint(0, 53, (2, 21))  # 2 full segments + a partial one
     x = model.embed(ids)

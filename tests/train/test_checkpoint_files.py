@@ -89,3 +89,16 @@ def test_resave_of_the_same_step_replaces_it(tmp_path):
     _save(mgr, 5, b"new!")
     assert (tmp_path / "step_00000005" / "shard.bin").read_bytes() == b"new!"
     assert ckpt.verify_checkpoint(tmp_path / "step_00000005") is None
+
+
+def test_checkpoint_config_reads_pre_gate_mac_checkpoints_as_the_product(tmp_path):
+    """A checkpoint whose config predates `model.mac_output_gate` holds a product-output MAC (no
+    `memory_out_norm` weights); one that names the gate keeps it."""
+    from titans_pretrain.config import load_config, save_config
+
+    cfg = load_config(None, ["model.variant=mac"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert ckpt.checkpoint_config(tmp_path).model.mac_output_gate == "sigmoid"
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text("\n".join(l for l in text.splitlines() if "mac_output_gate" not in l))
+    assert ckpt.checkpoint_config(tmp_path).model.mac_output_gate == "product"

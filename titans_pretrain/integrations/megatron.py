@@ -344,7 +344,8 @@ class TitansMACMixer(_Hybrid):
     """Memory as context (MAC), segment by segment as :class:`~titans_pretrain.models.blocks.MACBlock`:
     read ``h = M(q(x_s))``, attend over ``[h | x_s]`` (query ``i`` sees ``h_j``, ``x_j`` for ``j <= i``;
     RoPE positions ``j`` for ``h_j`` and ``segment_len + j`` for ``x_j``), write ``u = norm(y)`` into the
-    memory, output ``u * memory(u)``.
+    memory, output ``y * sigmoid(memory_out_norm(memory(u)))`` (``mac_output_gate="product"``:
+    ``u * memory(u)``).
 
     Megatron's ``SelfAttention`` projects queries, keys and values from one sequence, so it runs on
     ``[h | x_s]`` with an explicit mask and the ``h`` rows of its output are dropped (twice the
@@ -356,6 +357,8 @@ class TitansMACMixer(_Hybrid):
         if config.window_size is not None:
             raise ValueError("MAC attention is segment-local, not sliding-window: set TransformerConfig.window_size=None")
         self.memory_in_norm = self._norm()
+        if titans.mac_output_gate == "sigmoid":
+            self.memory_out_norm = self._norm()
         self.rotary = RotaryEmbedding(kv_channels=titans.resolved_head_dim, rotary_percent=1.0,
                                       rotary_base=titans.rope_theta, use_cpu_initialization=True)
 
@@ -381,9 +384,11 @@ class TitansMACMixer(_Hybrid):
             kv = torch.cat((context, seg), dim=1).transpose(0, 1).contiguous()  # [2n, b, h]
             pos = torch.cat((torch.arange(n), C + torch.arange(n))).to(table.device)
             y, _ = self.attention(kv, self._mask(n, kv.device), rotary_pos_emb=table[pos])
-            u = self.memory_in_norm(y[n:].transpose(0, 1))
+            y = y[n:].transpose(0, 1)
+            u = self.memory_in_norm(y)
             r, state = self.memory.write_read(u, state)
-            outs.append(u * r)
+            outs.append(y * torch.sigmoid(self.memory_out_norm(r)) if self.titans.mac_output_gate == "sigmoid"
+                        else u * r)
         return torch.cat(outs, dim=1).transpose(0, 1).contiguous(), None
 
 

@@ -104,8 +104,9 @@ def _block_map(titans: TitansConfig) -> list[tuple[str, str]]:
         return [("norm.", "input_layernorm."), ("memory.", "self_attention.memory."),
                 ("attn_out_norm.", "self_attention.attn_out_norm."),
                 ("memory_out_norm.", "self_attention.memory_out_norm.")]
-    return [("norm.", "input_layernorm."), ("memory.", "self_attention.memory."),
-            ("memory_in_norm.", "self_attention.memory_in_norm.")]
+    mac = [("norm.", "input_layernorm."), ("memory.", "self_attention.memory."),
+           ("memory_in_norm.", "self_attention.memory_in_norm.")]
+    return mac + ([("memory_out_norm.", "self_attention.memory_out_norm.")] if titans.mac_output_gate == "sigmoid" else [])
 
 
 def native_to_megatron(native: dict[str, Tensor], titans: TitansConfig) -> dict[str, Tensor]:

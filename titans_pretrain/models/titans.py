@@ -30,6 +30,7 @@ __all__ = ["TitansConfig", "TitansLM", "TitansOutput", "TitansState"]
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 ACTIVATIONS = ("gelu", "silu")
+MAC_OUTPUT_GATES = ("sigmoid", "product")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class TitansConfig:
     Small models on synthetic tasks learn faster with more (the tests use up to 0.3 on short
     sequences). ``eta_bias = 1`` and ``alpha_bias = -6`` (forgetting ~0.0025 per token) start with
     little forgetting, as the paper advises.
+
+    ``mac_output_gate``: MAC's output ``y (x) M(y)`` as ``y * sigmoid(norm(M(u)))`` (``"sigmoid"``,
+    the non-linear gate of the paper's §4.2, as MAG) or ``u * M(u)`` (``"product"``, the plain
+    product of earlier versions of this project, which learns much more slowly; see ``MACBlock``).
     """
 
     variant: str = "mac"
@@ -80,6 +85,7 @@ class TitansConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     use_memory: bool = True
+    mac_output_gate: str = "sigmoid"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -87,6 +93,8 @@ class TitansConfig:
 
         if self.variant not in VARIANTS:
             raise bad("variant", f"must be one of {VARIANTS}")
+        if self.mac_output_gate not in MAC_OUTPUT_GATES:
+            raise bad("mac_output_gate", f"must be one of {MAC_OUTPUT_GATES}")
         if self.memory_activation not in ACTIVATIONS:
             raise bad("memory_activation", f"must be one of {ACTIVATIONS}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "memory_depth", "memory_expansion",

@@ -268,15 +268,28 @@ def load_extras(folder: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ one process
+def checkpoint_config(folder: str | Path):
+    """The run config saved in a checkpoint folder. Checkpoints written before
+    ``model.mac_output_gate`` existed hold MAC models with the plain product output (no
+    ``memory_out_norm`` weights), so a config without that key reads as ``"product"``."""
+    import yaml
+
+    from titans_pretrain.config import load_config
+
+    path = Path(folder) / "config.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    legacy = isinstance(raw, dict) and "mac_output_gate" not in (raw.get("model") or {})
+    return load_config(path, ["model.mac_output_gate=product"] if legacy else [])
+
+
 def load_checkpoint(path: str | Path):
     """Any checkpoint (native DCP of any layout, or DeepSpeed ZeRO) -> a `TitansLM` in this process.
 
     `path` may be a step folder, a `checkpoints/` folder or a run folder (newest complete one)."""
-    from titans_pretrain.config import load_config
     from titans_pretrain.models import TitansLM
 
     folder = resolve_checkpoint_path(path)
-    cfg = load_config(folder / "config.yaml")
+    cfg = checkpoint_config(folder)
     model = TitansLM(cfg.model)
     meta = read_meta(folder)
     if meta.get("engine") == "deepspeed":
