@@ -140,8 +140,8 @@ class MACBlock(_Block):
     gate of step 4 (``mac_output_gate="sigmoid"``) lets the attention output through at half scale
     from the start; the plain product ``o = u * r`` (``"product"``) starves the attention of
     gradient. On the pass-key task of docs/eval.md with the whole sample in one segment, a 2-layer
-    MAC with the product had not learned to copy after 700 steps, while it started to with the
-    gate, and the same block without memory learned it within 300. The memory's chunk grid
+    MAC with the product had not learned to copy after 700 steps, with the gate it started by step
+    1,000, and the same block without memory learned it within 300. The memory's chunk grid
     restarts at every segment (each segment is one ``memory_chunked`` call). ``use_memory=False``
     gives segment-local attention alone (the ablation).
     """
