@@ -7,6 +7,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
+# AdamW divides by sqrt(v) + eps: with the default eps (1e-8) a gradient entry near zero (a rare
+# token's embedding row, M_0 at init) turns 1e-7 of summation-order noise into an O(lr) step of
+# either sign. A larger eps keeps the after-update comparison meaningful at fp32 tolerance; every
+# run and reference compared here uses it.
+ADAM = ["optim.eps=1e-4"]
 
 
 def global_batch(cfg, step: int) -> dict:
@@ -36,7 +41,7 @@ def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> d
     from titans_pretrain.train.engine import NativeEngine
     from titans_pretrain.train.trainer import seed_everything
 
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(CONFIG, [*ADAM, *overrides])
     layout = resolve_layout(cfg, world)
     dims = build_mesh(layout, torch.device("cpu"))
     seed_everything(cfg.train.seed)
@@ -82,7 +87,7 @@ def plain_reference(overrides: list[str], steps: int = 3) -> dict:
     from titans_pretrain.train.optim import build_optimizer, build_scheduler
     from titans_pretrain.train.trainer import seed_everything
 
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(CONFIG, [*ADAM, *overrides])
     seed_everything(cfg.train.seed)
     model = TitansLM(cfg.model)
     opt = build_optimizer(model, cfg.optim)
@@ -118,7 +123,7 @@ def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -
     from titans_pretrain.models import TitansLM
     from titans_pretrain.train.trainer import seed_everything
 
-    cfg = load_config(CONFIG, ["parallel.engine=deepspeed", *overrides])
+    cfg = load_config(CONFIG, ["parallel.engine=deepspeed", *ADAM, *overrides])
     layout = resolve_layout(cfg, world)
     dims = build_mesh(layout, torch.device("cpu"))
     seed_everything(cfg.train.seed)
