@@ -1,5 +1,5 @@
 """Static checks of what no test machine can run: the Dockerfile (hadolint; no Docker engine here)
-and the shell scripts of launch/ (shellcheck; the Slurm tests run them too)."""
+and the shell scripts of launch/ and bench/ (shellcheck; the Slurm tests run launch/'s too)."""
 import shutil
 import subprocess
 import sys
@@ -24,7 +24,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_launch_scripts_pass_shellcheck():
-    scripts = [ROOT / "launch" / "local_slurm.sh", ROOT / "launch" / "titans.sbatch"]
+    scripts = [ROOT / "launch" / "local_slurm.sh", ROOT / "launch" / "titans.sbatch", ROOT / "bench" / "gpu_session.sh"]
     proc = subprocess.run([_tool("shellcheck"), "--shell=bash", *map(str, scripts)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
