@@ -7,21 +7,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from trainer_workers import ADAM, CONFIG, full, global_batch, rank_micro_batches  # noqa: F401 (ADAM: re-exported)
-
-
-def _engine(world: int, overrides: list[str], seed_offset: int = 0):
-    from titans_pretrain.config import load_config, resolve_layout
-    from titans_pretrain.distributed.mesh import build_mesh
-    from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.engine import NativeEngine
-    from titans_pretrain.train.trainer import seed_everything
-
-    cfg = load_config(CONFIG, overrides)
-    layout = resolve_layout(cfg, world)
-    dims = build_mesh(layout, torch.device("cpu"))
-    seed_everything(cfg.train.seed + seed_offset)
-    return cfg, layout, dims, NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+from trainer_workers import ADAM, build_engine, full, global_batch, rank_micro_batches  # noqa: F401 (ADAM: re-exported)
 
 
 def _named(engine, what: str) -> dict:
@@ -38,7 +24,7 @@ def layout_run(rank: int, world: int, overrides: list[str], steps: int = 2, save
     """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights,
     the evaluated loss of a held-out batch (and, with `save_dir`, a DCP checkpoint there and this
     rank's part of the full state)."""
-    cfg, layout, dims, engine = _engine(world, overrides)
+    cfg, layout, dims, engine = build_engine(world, overrides)
     engine.model.train()
     engine.forward_backward(rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank))
     grads = _named(engine, "grads")
@@ -71,7 +57,7 @@ def load_full_state(rank: int, world: int, overrides: list[str], folder: str) ->
     """Load a checkpoint of any layout onto this layout; this rank's part of the full state."""
     from trainer_workers import _full_state
 
-    _, _, _, engine = _engine(world, overrides, seed_offset=world + 7)  # other init: load must overwrite
+    _, _, _, engine = build_engine(world, overrides, seed_offset=world + 7)  # other init: load must overwrite
     engine.load(Path(folder))
     return _full_state(engine)
 

@@ -32,11 +32,10 @@ def full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> dict:
-    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights."""
+def build_engine(world: int, overrides: list[str], seed_offset: int = 0):
+    """``(cfg, layout, dims, NativeEngine)`` of the debug config with ``ADAM`` and ``overrides``."""
     from titans_pretrain.config import load_config, resolve_layout
     from titans_pretrain.distributed.mesh import build_mesh
-    from titans_pretrain.distributed.parallelize import unwrap
     from titans_pretrain.models import TitansLM
     from titans_pretrain.train.engine import NativeEngine
     from titans_pretrain.train.trainer import seed_everything
@@ -44,8 +43,15 @@ def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> d
     cfg = load_config(CONFIG, [*ADAM, *overrides])
     layout = resolve_layout(cfg, world)
     dims = build_mesh(layout, torch.device("cpu"))
-    seed_everything(cfg.train.seed)
-    engine = NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+    seed_everything(cfg.train.seed + seed_offset)
+    return cfg, layout, dims, NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+
+
+def engine_run(rank: int, world: int, overrides: list[str], steps: int = 3) -> dict:
+    """Gradients of the first global batch, then `steps` optimizer steps: losses, norms, weights."""
+    from titans_pretrain.distributed.parallelize import unwrap
+
+    cfg, layout, dims, engine = build_engine(world, overrides)
     micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
     engine.forward_backward(micro)  # gradients of the mean loss over the global batch, no step
     grads = {n: full(p.grad) for n, p in unwrap(engine.model).named_parameters()}
@@ -157,20 +163,6 @@ def deepspeed_cases(rank: int, world: int, cases: dict[str, list[str]], steps: i
     return {name: deepspeed_run(rank, world, overrides, steps) for name, overrides in cases.items()}
 
 
-def _build_engine(world: int, overrides: list[str]):
-    from titans_pretrain.config import load_config, resolve_layout
-    from titans_pretrain.distributed.mesh import build_mesh
-    from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.engine import NativeEngine
-    from titans_pretrain.train.trainer import seed_everything
-
-    cfg = load_config(CONFIG, overrides)
-    layout = resolve_layout(cfg, world)
-    dims = build_mesh(layout, torch.device("cpu"))
-    seed_everything(cfg.train.seed + world)  # different init per world size: load must overwrite it
-    return cfg, layout, dims, NativeEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
-
-
 def _full_state(engine) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -185,7 +177,7 @@ def _full_state(engine) -> dict:
 
 
 def save_after_steps(rank: int, world: int, overrides: list[str], folder: str, steps: int = 2) -> dict:
-    cfg, layout, dims, engine = _build_engine(world, overrides)
+    cfg, layout, dims, engine = build_engine(world, overrides, seed_offset=world)
     for step in range(steps):
         engine.train_step(rank_micro_batches(cfg, layout, global_batch(cfg, step), dims.dp_rank))
     engine.save(Path(folder))
@@ -193,6 +185,6 @@ def save_after_steps(rank: int, world: int, overrides: list[str], folder: str, s
 
 
 def load_state(rank: int, world: int, overrides: list[str], folder: str) -> dict:
-    _, _, _, engine = _build_engine(world, overrides)
+    _, _, _, engine = build_engine(world, overrides, seed_offset=world)
     engine.load(Path(folder))
     return _full_state(engine)
