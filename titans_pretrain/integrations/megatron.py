@@ -61,6 +61,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+from titans_pretrain.models.blocks import mac_output
 from titans_pretrain.models.memory import CausalDepthwiseConv, MemoryLayer
 from titans_pretrain.models.norms import RMSNorm
 from titans_pretrain.models.titans import TitansConfig
@@ -387,8 +388,7 @@ class TitansMACMixer(_Hybrid):
             y = y[n:].transpose(0, 1)
             u = self.memory_in_norm(y)
             r, state = self.memory.write_read(u, state)
-            outs.append(y * torch.sigmoid(self.memory_out_norm(r)) if self.titans.mac_output_gate == "sigmoid"
-                        else u * r)
+            outs.append(mac_output(self.titans.mac_output_gate, y, u, r, getattr(self, "memory_out_norm", None)))
         return torch.cat(outs, dim=1).transpose(0, 1).contiguous(), None
 
 

@@ -21,7 +21,7 @@ from titans_pretrain.models.norms import RMSNorm
 if TYPE_CHECKING:  # pragma: no cover
     from titans_pretrain.models.titans import TitansConfig
 
-__all__ = ["BlockState", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "SwiGLU", "build_block"]
+__all__ = ["BlockState", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "SwiGLU", "build_block", "mac_output"]
 
 
 @dataclass
@@ -172,10 +172,15 @@ class MACBlock(_Block):
             y = self.attn.segment(seg, context, C)
             u = self.memory_in_norm(y)
             r, mem_state = self.memory(u, mem_state)
-            outs.append(y * torch.sigmoid(self.memory_out_norm(r)) if self.config.mac_output_gate == "sigmoid"
-                        else u * r)
+            outs.append(mac_output(self.config.mac_output_gate, y, u, r, getattr(self, "memory_out_norm", None)))
         out = torch.cat(outs, dim=1) if outs else torch.zeros_like(x)
         return x + out, BlockState(memory=mem_state)
+
+
+def mac_output(gate: str, y, u, r, out_norm: nn.Module | None):
+    """A MAC segment's output from its attention output ``y``, ``u = memory_in_norm(y)`` and the
+    memory read ``r``, by ``TitansConfig.mac_output_gate`` (shared with the Megatron mixer)."""
+    return y * torch.sigmoid(out_norm(r)) if gate == "sigmoid" else u * r
 
 
 _BLOCKS = {"mac": MACBlock, "mag": MAGBlock, "mal": MALBlock, "lmm": LMMBlock}

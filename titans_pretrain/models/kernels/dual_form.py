@@ -77,6 +77,16 @@ def _vec(ptr, N: tl.constexpr):
 
 
 @triton.jit
+def _chunk_inputs(Q, K, V, G, BETA, F, cc, BT: tl.constexpr, D: tl.constexpr):
+    """Chunk ``cc``'s q, k, v ``(BT, D)``, coefficient matrix ``(BT, BT)``, beta and f ``(BT,)``."""
+    q = _mat(Q + cc * BT * D, BT, D)
+    k = _mat(K + cc * BT * D, BT, D)
+    v = _mat(V + cc * BT * D, BT, D)
+    G_c = _mat(G + cc * BT * BT, BT, BT)
+    return q, k, v, G_c, _vec(BETA + cc * BT, BT), _vec(F + cc * BT, BT)
+
+
+@triton.jit
 def _chunk_forward(q, k, v, G, beta, f, w1, s1, w2, s2,
                    DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
     """Key path, inner backward and dual-form read of one chunk at its chunk-start state.
@@ -137,12 +147,7 @@ def dual_form_fwd_kernel(
                 _store_mat(W2s + slot * E * D, w2, E, D)
                 _store_mat(S2s + slot * E * D, s2, E, D)
         cc = pid * n_chunks + c
-        q = _mat(Q + cc * BT * D, BT, D)
-        k = _mat(K + cc * BT * D, BT, D)
-        v = _mat(V + cc * BT * D, BT, D)
-        G_c = _mat(G + cc * BT * BT, BT, BT)
-        beta = _vec(BETA + cc * BT, BT)
-        f = _vec(F + cc * BT, BT)
+        q, k, v, G_c, beta, f = _chunk_inputs(Q, K, V, G, BETA, F, cc, BT, D)
         z1, a1, d1, e1, d2, x1, h1, P0, P1, y = _chunk_forward(
             q, k, v, G_c, beta, f, w1, s1, w2, s2, DEPTH, ACT, PREC)
         _store_mat(Y + cc * BT * D, y, BT, D)
@@ -198,12 +203,7 @@ def dual_form_bwd_kernel(
             w2 = w1
             s2 = s1
         cc = pid * n_chunks + c
-        q = _mat(Q + cc * BT * D, BT, D)
-        k = _mat(K + cc * BT * D, BT, D)
-        v = _mat(V + cc * BT * D, BT, D)
-        G_c = _mat(G + cc * BT * BT, BT, BT)
-        beta = _vec(BETA + cc * BT, BT)
-        f = _vec(F + cc * BT, BT)
+        q, k, v, G_c, beta, f = _chunk_inputs(Q, K, V, G, BETA, F, cc, BT, D)
         be = tl.load(BE + cc).to(tl.float32)
         fe = tl.load(FE + cc).to(tl.float32)
         me = tl.load(ME + cc).to(tl.float32)
