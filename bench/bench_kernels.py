@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from titans_pretrain.models import kernels  # noqa: E402
+from titans_pretrain.models.kernels.resources import matmul_flops  # noqa: E402
 from titans_pretrain.models.memory_ops import MemoryState, init_state, memory_chunked  # noqa: E402
 
 # The issue's layer: 12 heads x 64, chunk 64, depth 2, expansion 4, B=4, T=4096.
@@ -38,14 +39,6 @@ PEAKS = {"H200": (494.7, 989.4, 4.8), "H100": (494.7, 989.4, 3.35), "A100": (156
 
 
 # ------------------------------------------------------------------------------------------ floor
-def flops_per_chunk_head(b: int, D: int, E: int) -> dict:
-    """Matmul FLOPs of one chunk of one (sequence, head), depth 2 (docs/kernels.md has the terms)."""
-    fwd = 22 * b * D * E + 4 * b * b * (D + E)
-    bwd = 44 * b * D * E + 8 * b * b * (D + E)          # without recomputing forward
-    recompute = 14 * b * D * E + 4 * b * b * (D + E)    # the kernel's backward re-runs the chunk's forward
-    return dict(fwd=fwd, bwd=bwd, recompute=recompute)
-
-
 def bytes_per_chunk_head(b: int, D: int, E: int, in_bytes: int = 2) -> dict:
     """HBM bytes of one chunk of one (sequence, head): what must move, and what the design adds."""
     io = (3 * b * D * in_bytes          # q, k, v read in forward
@@ -61,11 +54,12 @@ def bytes_per_chunk_head(b: int, D: int, E: int, in_bytes: int = 2) -> dict:
 def floor_report(s: dict) -> tuple[list[str], float | None]:
     b, D, E = s["chunk"], s["D"], s["expansion"] * s["D"]
     n = s["B"] * s["H"] * -(-s["T"] // b)
-    fl, by = flops_per_chunk_head(b, D, E), bytes_per_chunk_head(b, D, E)
+    fl, by = matmul_flops(b, D, E), bytes_per_chunk_head(b, D, E)
+    fl["kernel"] = fl["kernel_fwd"] + fl["kernel_bwd"]
     floor_flop = (fl["fwd"] + fl["bwd"]) * n
-    kernel_flop = (fl["fwd"] + fl["bwd"] + fl["recompute"]) * n
+    kernel_flop = fl["kernel"] * n
     lines = [f"chunks x (sequence, head) = {n}; per chunk-head: forward {fl['fwd']/1e6:.1f} MFLOP, backward "
-             f"{fl['bwd']/1e6:.1f} MFLOP (+{fl['recompute']/1e6:.1f} recomputed by the kernel); "
+             f"{fl['bwd']/1e6:.1f} MFLOP ({fl['kernel']/1e6:.1f} as the kernels compute, with recompute); "
              f"bytes {by['compulsory']/1024:.0f} KiB compulsory + {by['saved_states']/1024:.0f} KiB saved state",
              f"total: {floor_flop/1e9:.1f} GFLOP floor ({kernel_flop/1e9:.1f} as the kernel computes), "
              f"{by['compulsory']*n/1e9:.2f} GB compulsory + {by['saved_states']*n/1e9:.2f} GB saved states"]

@@ -5,7 +5,8 @@ momentum) must match the PyTorch path in fp32 and the fp64 PyTorch path, within 
 abs error over max abs value). On CPU the kernels run under Triton's interpreter, which must be
 switched on before triton is imported: all CPU cases run in one subprocess (``python
 tests/models/test_memory_kernels.py`` is that worker) and the tests read its report. With a GPU the
-same cases, plus the issue's real layer shape, also run compiled on the device, in-process.
+same cases, plus the issue's real layer shape, also run compiled on the device, in-process. The
+depth-2 kernels walk the hidden width in tiles of 16: ``E`` = 16, 32 and 64 cover one, two and four.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from titans_pretrain.models import kernels
+from titans_pretrain.models.kernels.resources import matmul_flops
 from titans_pretrain.models.memory_ops import MemoryState, init_state, memory_chunked
 
 RTOL = 1e-5
@@ -32,6 +34,7 @@ CASES = {
     "d2_gelu_y_only": (1, 1, 32, 16, 16, 2, 16, "gelu", "y", torch.float32),   # no state gradient flows in
     "d2_gelu_state_only": (1, 1, 32, 16, 16, 2, 16, "gelu", "state", torch.float32),  # no dy
     "d2_gelu_bf16_inputs": (1, 2, 32, 16, 32, 2, 16, "gelu", "both", torch.bfloat16),
+    "d2_silu_4_tiles": (1, 1, 48, 16, 64, 2, 16, "silu", "both", torch.float32),  # hidden width in 4 tiles
 }
 
 
@@ -109,6 +112,32 @@ def _no_grad_matches(device):
     return max(_rel_err(a, b) for a, b in zip(out["triton"], out["torch"]))
 
 
+def _dot_flops(b=32, D=16, E=64, n=2):
+    """Matmul FLOPs per chunk of the interpreted kernels, counted at ``tl.dot`` (b, D, E distinct so
+    that every term of the documented count is pinned)."""
+    from triton.runtime import interpreter
+
+    count = [0]
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def counting_dot(self, a, b_, d, *args):
+        count[0] += 2 * a.data.shape[-2] * a.data.shape[-1] * b_.data.shape[-1]
+        return dot(self, a, b_, d, *args)
+
+    tensors, m0, s0, _ = _inputs(1, 1, n * b, D, E, 2, torch.float32, "cpu")
+    leaves = [t.requires_grad_() for t in tensors + m0]
+    interpreter.InterpreterBuilder.create_dot = counting_dot
+    try:
+        with kernels.memory_kernel("triton"):
+            y, st = memory_chunked(*leaves[:6], MemoryState(init_state(leaves[6:], 1).weights, tuple(s0)),
+                                   chunk_size=b, activation="gelu")
+            fwd, count[0] = count[0], 0
+            (y.sum() + sum(w.sum() for w in st.weights)).backward()
+    finally:
+        interpreter.InterpreterBuilder.create_dot = dot
+    return {"shape": [b, D, E], "fwd": fwd / n, "bwd": count[0] / n}
+
+
 # ------------------------------------------------------------------------------- CPU (interpreter)
 @pytest.fixture(scope="module")
 def interpreted():
@@ -133,6 +162,12 @@ def test_interpreted_kernel_no_grad(interpreted):
     assert interpreted["no_grad"] < RTOL
 
 
+def test_interpreted_kernel_flops_are_the_documented_count(interpreted):
+    counted = interpreted["dot_flops"]
+    documented = matmul_flops(*counted["shape"])
+    assert counted["fwd"] == documented["kernel_fwd"] and counted["bwd"] == documented["kernel_bwd"], counted
+
+
 # ---------------------------------------------------------------------------------------- dispatch
 def test_dispatch_rules(monkeypatch):
     supported = dict(depth=2, activation="gelu", dtype=torch.float32, chunk=64, dims=[("D", 64), ("E", 256)])
@@ -155,6 +190,9 @@ def test_dispatch_rules(monkeypatch):
             kernels.use_triton(cuda, **{**supported, "depth": 3})
         with pytest.raises(ValueError, match="value dimension 32"):
             kernels.use_triton(cuda, **{**supported, "dims": [("D", 64), ("E", 256), ("D_out", 32)]})
+    monkeypatch.setenv("TITANS_KERNEL_BLOCK_E", "24")
+    with pytest.raises(ValueError, match="TITANS_KERNEL_BLOCK_E"):
+        kernels._block_e(256)
     monkeypatch.setenv(kernels.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="TITANS_MEMORY_KERNEL"):
         kernels.kernel_mode()
@@ -227,6 +265,7 @@ def _worker():
     torch.manual_seed(0)
     report = {name: compare(name, "cpu") for name in CASES}
     report["no_grad"] = _no_grad_matches("cpu")
+    report["dot_flops"] = _dot_flops()
     print(json.dumps(report))
 
 

@@ -153,13 +153,26 @@ def _kernels(device_type: str):
     return dual_form
 
 
-def _launch_options(t: Tensor, D: int, E: int) -> dict:
-    """Compiler options on CUDA (the interpreter takes none): more warps for the big state tiles,
-    one stage (nothing to software-pipeline; multi-buffering would only cost shared memory)."""
-    if not t.is_cuda:
-        return {}
-    warps = int(os.environ.get("TITANS_KERNEL_NUM_WARPS", 0)) or (8 if D * E >= 64 * 128 else 4)  # tuning knob
-    return {"num_warps": warps, "num_stages": 1}
+def _block_e(E: int) -> int:
+    """Hidden units per tile of the depth-2 kernels: ``TITANS_KERNEL_BLOCK_E`` (a power of two >= 16),
+    else 16, at most ``E``. The tile bounds what a program holds at once; at the issue's shape
+    (chunk 64, D=64, E=256) 16 is the widest whose backward fits an H100's shared memory
+    (``bench/kernel_resources.py``)."""
+    block = int(os.environ.get("TITANS_KERNEL_BLOCK_E", 0) or 16)
+    if not _pow2_16(block):
+        raise ValueError(f"$TITANS_KERNEL_BLOCK_E must be a power of two >= 16, got {block}")
+    return min(E, block)
+
+
+def _num_warps() -> int:
+    """``TITANS_KERNEL_NUM_WARPS``, else 4 (8 spills as much at the issue's shape and needs more shared memory)."""
+    return int(os.environ.get("TITANS_KERNEL_NUM_WARPS", 0) or 4)
+
+
+def _launch_options(t: Tensor) -> dict:
+    """Compiler options on CUDA (the interpreter takes none): one stage (nothing to software-pipeline;
+    multi-buffering would only cost shared memory)."""
+    return {"num_warps": _num_warps(), "num_stages": 1} if t.is_cuda else {}
 
 
 def _precision(t: Tensor) -> str:
@@ -181,50 +194,57 @@ class TritonDualForm(torch.autograd.Function):
     def forward(ctx, activation, depth, q, k, v, beta, f, G, be, fe, me, ge, ne, *state):
         mod = _kernels(q.device.type)
         BH, n, b, D = q.shape
-        E = state[0].shape[-1] if depth == 2 else D
         f32 = torch.float32
         ins = [t.to(f32).contiguous() for t in (q, k, v, beta, f, G, be, fe, me, ge, ne)]
-        w = [t.to(f32).contiguous() for t in state]
-        w1, s1 = w[0], w[depth]
-        w2, s2 = (w[1], w[3]) if depth == 2 else (w1, s1)
         save = any(ctx.needs_input_grad)
-        n_saved = n + 1 if save else 1
-        saved = [q.new_empty(BH, n_saved, *t.shape[1:], dtype=f32) for t in (w1, s1, w2, s2)]
-        if depth == 1:
-            saved[2], saved[3] = saved[0], saved[1]  # dummies, never written
+        n_slots = n + 1 if save else 2  # every chunk-start state for backward, or two to alternate
+        slots = []
+        for t in state:
+            slots.append(q.new_empty(BH, n_slots, *t.shape[1:], dtype=f32))
+            slots[-1][:, 0] = t
+        opts = _options(q, depth, state[0].shape[-1], activation)
+        fwd, bwd = (mod.mlp2_fwd_kernel, mod.mlp2_bwd_kernel) if depth == 2 else (mod.mlp1_fwd_kernel,
+                                                                                   mod.mlp1_bwd_kernel)
         y = torch.empty(BH, n, b, D, device=q.device, dtype=f32)
-        mod.dual_form_fwd_kernel[(BH,)](
-            *ins, w1, s1, w2, s2, y, *saved, n, n_saved,
-            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[activation], PREC=_precision(q), SAVE=save,
-            **_launch_options(q, D, E))
+        fwd[(BH,)](*ins, *_kernel_order(slots), y, n, n_slots, BT=b, D=D, **opts)
         if save:
             if q.is_cuda:  # build the backward now, so that a failure to build falls back before autograd
-                mod.dual_form_bwd_kernel.warmup(
-                    *ins, *saved, y, w1, s1, w2, s2, *ins, n, grid=(BH,), BT=b, D=D, E=E, DEPTH=depth,
-                    ACT=_ACT_CODES[activation], PREC=_precision(q), **_launch_options(q, D, E))
-            ctx.save_for_backward(*ins, *saved)
-        ctx.activation, ctx.depth, ctx.dims, ctx.prec = activation, depth, (BH, n, b, D, E), _precision(q)
-        w1f, s1f, w2f, s2f = (t[:, -1].clone() for t in saved)  # the state after the last chunk
-        weights, momentum = ([w1f, w2f], [s1f, s2f]) if depth == 2 else ([w1f], [s1f])
-        return (y, *weights, *momentum)
+                bwd.warmup(*ins, *_kernel_order(slots), y, *_kernel_order(slots), *ins, n, grid=(BH,),
+                           BT=b, D=D, **opts)
+            ctx.save_for_backward(*ins, *slots)
+        ctx.bwd, ctx.opts = bwd, opts
+        return (y, *(s[:, n % n_slots].clone() for s in slots))  # y and the state after the last chunk
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, *dstate):
-        q, k, v, beta, f, G, be, fe, me, ge, ne, *saved = ctx.saved_tensors
-        depth, (BH, n, b, D, E) = ctx.depth, ctx.dims
-        mod = _kernels(q.device.type)
+        q, k, v, beta, f, G, be, fe, me, ge, ne, *slots = ctx.saved_tensors
+        BH, n, b, D = q.shape
         dy = torch.zeros_like(q) if dy is None else dy.to(torch.float32).contiguous()
-        shapes = [(BH, D, E), (BH, E, D)] if depth == 2 else [(BH, D, D)]
-        dW = [g.to(torch.float32).contiguous().clone() if g is not None else q.new_zeros(s)
-              for g, s in zip(dstate[:depth], shapes)]
-        dS = [g.to(torch.float32).contiguous().clone() if g is not None else q.new_zeros(s)
-              for g, s in zip(dstate[depth:], shapes)]
-        dw1, ds1 = dW[0], dS[0]
-        dw2, ds2 = (dW[1], dS[1]) if depth == 2 else (dw1, ds1)
+        # Two gradient slots per state tensor: slot 0 in (the gradient of the final state); the kernel
+        # alternates, and the gradient of the initial state ends in slot n % 2.
+        dslots = []
+        for g, s in zip(dstate, slots):
+            dslots.append(q.new_zeros(BH, 2, *s.shape[2:]))
+            if g is not None:
+                dslots[-1][:, 0] = g
         grads = [torch.empty_like(t) for t in (q, k, v, beta, f, G, be, fe, me, ge, ne)]
-        mod.dual_form_bwd_kernel[(BH,)](
-            q, k, v, beta, f, G, be, fe, me, ge, ne, *saved, dy, dw1, ds1, dw2, ds2, *grads, n,
-            BT=b, D=D, E=E, DEPTH=depth, ACT=_ACT_CODES[ctx.activation], PREC=ctx.prec,  # recompute as forward did
-            **_launch_options(q, D, E))
-        return (None, None, *grads, *dW, *dS)
+        ctx.bwd[(BH,)](q, k, v, beta, f, G, be, fe, me, ge, ne, *_kernel_order(slots), dy,
+                       *_kernel_order(dslots), *grads, n, BT=b, D=D, **ctx.opts)  # as forward ran
+        return (None, None, *grads, *(g[:, n % 2] for g in dslots))
+
+
+def _kernel_order(state):
+    """``[*weights, *momentum]`` -> the kernels' order ``W1, S1`` (depth 1) or ``W1, S1, W2, S2``."""
+    if len(state) == 4:
+        w1, w2, s1, s2 = state
+        return w1, s1, w2, s2
+    return tuple(state)
+
+
+def _options(q: Tensor, depth: int, E: int, activation: str) -> dict:
+    """The kernels' constexprs and compiler options (depth 1 is linear: no activation, no tiles)."""
+    opts = dict(PREC=_precision(q), **_launch_options(q))
+    if depth == 2:
+        opts.update(E=E, EB=_block_e(E), ACT=_ACT_CODES[activation])
+    return opts
