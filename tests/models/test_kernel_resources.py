@@ -15,7 +15,9 @@ ISSUE_SHAPE = dict(b=64, D=64, E=256)  # chunk 64, 12 heads x 64, expansion 4
 
 
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
-def test_issue_shape_fits_h100_shared_memory(which):
+def test_issue_shape_fits_h100_shared_memory(which, monkeypatch):
+    monkeypatch.delenv("TITANS_KERNEL_BLOCK_E", raising=False)
+    monkeypatch.delenv("TITANS_KERNEL_NUM_WARPS", raising=False)
     r = compile_report(which, arch=90, **ISSUE_SHAPE)  # the launch defaults: tile width, warps
     assert r["block_e"] == 16 and r["num_warps"] == 4
     assert 0 < r["shared"] <= SHARED_LIMIT[90], r

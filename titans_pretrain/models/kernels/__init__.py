@@ -165,7 +165,8 @@ def _block_e(E: int) -> int:
 
 
 def _num_warps() -> int:
-    """``TITANS_KERNEL_NUM_WARPS``, else 4 (8 spills as much at the issue's shape and needs more shared memory)."""
+    """``TITANS_KERNEL_NUM_WARPS``, else 4: at the issue's shape 8 warps spill as many registers and
+    need more shared memory in forward (``bench/kernel_resources.py --warps 4 8``)."""
     return int(os.environ.get("TITANS_KERNEL_NUM_WARPS", 0) or 4)
 
 
