@@ -41,7 +41,6 @@ def compile_report(which: str, *, arch: int = 90, b: int = 64, D: int = 64, E: i
     options a launch would use (``block_e``, ``num_warps``: the runtime defaults unless given) and
     report ``shared`` (bytes, Triton's allocation), ``limit``, ``fits``, and per thread
     ``registers``, ``spill_stores`` and ``spill_loads`` (bytes, from ``ptxas -v``)."""
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default the kernels run with
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -57,7 +56,8 @@ def compile_report(which: str, *, arch: int = 90, b: int = 64, D: int = 64, E: i
     src = ASTSource(fn=fn, signature=_signature(fn, consts),
                     constexprs={(names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": 1})
+                              options={"num_warps": num_warps, "num_stages": 1,
+                                       "enable_fp_fusion": True})  # Triton 3.9's default, as launches use
     report = dict(kernel=f"mlp{depth}_{which}", arch=arch, b=b, D=D, E=E if depth == 2 else D,
                   block_e=consts.get("EB"), num_warps=num_warps, shared=compiled.metadata.shared,
                   limit=SHARED_LIMIT.get(arch))
