@@ -91,6 +91,15 @@ def _chunk_inputs(Q, K, V, G, BETA, F, cc, BT: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _chunk_end_gates(BE, FE, ME, GE, NE, cc, BT: tl.constexpr):
+    """Chunk ``cc``'s chunk-end coefficients: the scalars ``be, fe, me`` and the ``(BT,)`` ``ge, ne``."""
+    be = tl.load(BE + cc).to(tl.float32)
+    fe = tl.load(FE + cc).to(tl.float32)
+    me = tl.load(ME + cc).to(tl.float32)
+    return be, fe, me, _vec(GE + cc * BT, BT), _vec(NE + cc * BT, BT)
+
+
+@triton.jit
 def _cols(ptr, t, R: tl.constexpr, C: tl.constexpr, LD: tl.constexpr):
     """Columns ``t*C .. t*C + C - 1`` of a row-major ``R x LD`` fp32 matrix (an ``R x C`` tile)."""
     r = tl.arange(0, R)
@@ -130,12 +139,10 @@ def mlp1_fwd_kernel(
         y = (beta[:, None] * _dot(q, w1, PREC) + f[:, None] * _dot(q, s1, PREC)
              - _dot(G_c * _dot(q, tl.trans(k), PREC), d1, PREC))
         _store_mat(Y + cc * BT * D, y, BT, D)
-        be = tl.load(BE + cc).to(tl.float32)
-        fe = tl.load(FE + cc).to(tl.float32)
-        me = tl.load(ME + cc).to(tl.float32)
+        be, fe, me, ge, ne = _chunk_end_gates(BE, FE, ME, GE, NE, cc, BT)
         kt = tl.trans(k)
-        w1_new = be * w1 + fe * s1 - _dot(kt, _vec(GE + cc * BT, BT)[:, None] * d1, PREC)
-        s1 = me * s1 - _dot(kt, _vec(NE + cc * BT, BT)[:, None] * d1, PREC)
+        w1_new = be * w1 + fe * s1 - _dot(kt, ge[:, None] * d1, PREC)
+        s1 = me * s1 - _dot(kt, ne[:, None] * d1, PREC)
         w1 = w1_new
         _store_mat(W1s + dst * D * D, w1, D, D)
         _store_mat(S1s + dst * D * D, s1, D, D)
@@ -164,11 +171,7 @@ def mlp1_bwd_kernel(
         s1 = _mat(S1s + slot * D * D, D, D)
         cc = pid * n_chunks + c
         q, k, v, G_c, beta, f = _chunk_inputs(Q, K, V, G, BETA, F, cc, BT, D)
-        be = tl.load(BE + cc).to(tl.float32)
-        fe = tl.load(FE + cc).to(tl.float32)
-        me = tl.load(ME + cc).to(tl.float32)
-        ge = _vec(GE + cc * BT, BT)
-        ne = _vec(NE + cc * BT, BT)
+        be, fe, me, ge, ne = _chunk_end_gates(BE, FE, ME, GE, NE, cc, BT)
         d1 = 2.0 * (_dot(k, w1, PREC) - v)
         P0 = _dot(q, tl.trans(k), PREC)
         dx = _mat(DY + cc * BT * D, BT, D)
@@ -265,11 +268,9 @@ def mlp2_fwd_kernel(
         dst = pid * n_slots + (c + 1) % n_slots
         cc = pid * n_chunks + c
         q, k, v, G_c, beta, f = _chunk_inputs(Q, K, V, G, BETA, F, cc, BT, D)
-        be = tl.load(BE + cc).to(tl.float32)
-        fe = tl.load(FE + cc).to(tl.float32)
-        me = tl.load(ME + cc).to(tl.float32)
-        ge = _vec(GE + cc * BT, BT)[:, None]
-        ne = _vec(NE + cc * BT, BT)[:, None]
+        be, fe, me, ge, ne = _chunk_end_gates(BE, FE, ME, GE, NE, cc, BT)
+        ge = ge[:, None]
+        ne = ne[:, None]
         d2 = _chunk_d2(k, v, W1s, W2s, src, D, E, EB, ACT, PREC)   # pass 1: needs every tile
         GP0 = G_c * _dot(q, tl.trans(k), PREC)
         kt = tl.trans(k)
@@ -316,11 +317,7 @@ def mlp2_bwd_kernel(
         gout = pid * 2 + (i + 1) % 2
         cc = pid * n_chunks + c
         q, k, v, G_c, beta, f = _chunk_inputs(Q, K, V, G, BETA, F, cc, BT, D)
-        be = tl.load(BE + cc).to(tl.float32)
-        fe = tl.load(FE + cc).to(tl.float32)
-        me = tl.load(ME + cc).to(tl.float32)
-        ge = _vec(GE + cc * BT, BT)
-        ne = _vec(NE + cc * BT, BT)
+        be, fe, me, ge, ne = _chunk_end_gates(BE, FE, ME, GE, NE, cc, BT)
         dy = _mat(DY + cc * BT * D, BT, D)
 
         # Pass 1: d2; the layer-2 chunk end's dU = a1 dW2 and the gate scalars' gradients.
