@@ -111,14 +111,13 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from titans_pretrain import load_checkpoint
-    from titans_pretrain.config import load_config
-    from titans_pretrain.train.checkpoint import resolve_checkpoint_path
+    from titans_pretrain.train.checkpoint import checkpoint_config, resolve_checkpoint_path
 
     try:
         folder = resolve_checkpoint_path(args.checkpoint)
     except FileNotFoundError as exc:
         raise EvalError(str(exc)) from None
-    cfg = load_config(folder / "config.yaml")
+    cfg = checkpoint_config(folder)
     device = _device(args.device)
     out = Path(args.out) if args.out else _default_out(folder)
     out.mkdir(parents=True, exist_ok=True)

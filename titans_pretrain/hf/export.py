@@ -111,11 +111,10 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, tokenizer
     ``checkpoint`` may be a step folder, a ``checkpoints/`` folder or a run folder (newest complete
     checkpoint). The tokenizer is found through the run's dataset unless ``tokenizer_file`` is given;
     ``with_tokenizer=False`` exports the model alone."""
-    from titans_pretrain.config import load_config
-    from titans_pretrain.train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from titans_pretrain.train.checkpoint import checkpoint_config, load_checkpoint, resolve_checkpoint_path
 
     folder = resolve_checkpoint_path(checkpoint)
-    run_config = load_config(folder / "config.yaml")
+    run_config = checkpoint_config(folder)
     if not with_tokenizer:
         tokenizer_file = None
     elif tokenizer_file is None:
