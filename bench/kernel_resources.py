@@ -1,10 +1,11 @@
 """Shared memory, registers and spills of the memory kernels, compiled for GPU architectures on CPU.
 
-Not a test (tests/models/test_kernel_resources.py holds the issue's shape to the H100's limit). No
-GPU needed: Triton compiles for a named target and ships ``ptxas``. A kernel whose shared memory
-exceeds the card's limit cannot launch (``auto`` mode then warns and runs PyTorch). Usage::
+Not a test (tests/models/test_kernel_resources.py holds every shipped preset's shape to the H100's
+limit). No GPU needed: Triton compiles for a named target and ships ``ptxas``. A kernel whose shared
+memory exceeds the card's limit cannot launch (``auto`` mode then warns and runs PyTorch). A head
+dimension that is not a power of two compiles at the padded width (``D = 96`` at 128). Usage::
 
-    python bench/kernel_resources.py                              # the issue's shape, sm_90 and sm_80
+    python bench/kernel_resources.py                              # the presets' shapes, sm_90 and sm_80
     python bench/kernel_resources.py --shape 64,64,256 64,128,512 --block-e 16 32 --warps 4 8
     python bench/kernel_resources.py --record                     # ... and append to bench/RESULTS.md
 """
@@ -29,7 +30,8 @@ COLUMNS = ("kernel", "arch", "b", "D", "E", "block_e", "num_warps", "shared", "l
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
-    ap.add_argument("--shape", nargs="+", default=["64,64,256"], help="chunk,D,E (the issue's: 64,64,256)")
+    ap.add_argument("--shape", nargs="+", default=["64,64,256", "64,96,384", "64,128,512"],
+                    help="chunk,D,E (the presets': 64,64,256 at 170M and 340M, 64,96,384 at 760M)")
     ap.add_argument("--depth", type=int, nargs="+", default=[2])
     ap.add_argument("--block-e", type=int, nargs="+", default=[0], help="hidden tile width (0: the default)")
     ap.add_argument("--warps", type=int, nargs="+", default=[0], help="num_warps (0: the default)")

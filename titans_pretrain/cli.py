@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("titans_pretrain.train.train_cli", "pretrain a Titans model"),
     "convert-hf": ("titans_pretrain.hf.convert_cli", "checkpoint -> Hugging Face folder"),
     "profile": ("titans_pretrain.profile.profile_cli", "throughput report"),
+    "plan": ("titans_pretrain.profile.plan", "memory per rank before launch, and what fits"),
     "launch": ("titans_pretrain.launch_cli", "submit to Slurm through submitit"),
     "eval": ("titans_pretrain.eval.eval_cli", "long-context evaluation"),
 }

@@ -60,6 +60,9 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # native engine: build on the meta device and initialise each rank's shards only (the weights of
+    # an eager start, bit for bit); false: build the whole model on every rank, then shard
+    meta_init: bool = True
 
 
 @dataclass

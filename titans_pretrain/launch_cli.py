@@ -79,6 +79,21 @@ def _options_after_config(args: argparse.Namespace) -> None:
     vars(args).update(vars(late.parse_intermixed_args(args.overrides)))
 
 
+def _print_plan(args: argparse.Namespace, opts) -> None:
+    """The memory plan per rank for the job's ranks (docs/parallelism.md, "Memory plan"); a config
+    error is left to `submit`, which reports it."""
+    from titans_pretrain.config import load_config
+    from titans_pretrain.profile.plan import format_plan, memory_plan
+
+    try:
+        opts.validate()
+        cfg = load_config(args.config, args.overrides)
+        plan = memory_plan(cfg, opts.world_size, "cuda" if opts.gpus_per_node else "cpu")
+    except (ConfigError, OSError):
+        return
+    print(format_plan(plan), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from titans_pretrain.launch.slurm import SlurmOptions, submit
 
@@ -90,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         exclusive=args.exclusive, job_name=args.job_name, dependency=args.dependency,
         signal=args.signal, max_requeues=args.max_requeues, setup=args.setup,
         sbatch=dict(args.sbatch), python=args.python)
+    _print_plan(args, opts)
     try:
         out = submit(opts, args.config, args.overrides, dry_run=args.dry_run)
     except ConfigError as exc:

@@ -89,3 +89,60 @@ def references(cases: dict[str, list[str]]) -> dict[str, dict]:
 
     return {name: plain_reference([o for o in ov if o.startswith(("model.", "optim."))], steps=2)
             for name, ov in cases.items()}
+
+
+def meta_init_cases(rank: int, world: int, cases: dict[str, list[str]]) -> dict:
+    """Per case: the full weights this rank holds after a meta-device start (built without drawing,
+    sharded, materialised shard by shard), and the weights of an eager start with the same seed."""
+    from titans_pretrain.config import load_config, resolve_layout
+    from titans_pretrain.distributed.mesh import build_mesh
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.engine import NativeEngine
+    from titans_pretrain.train.trainer import seed_everything
+    from trainer_workers import CONFIG
+
+    out = {}
+    for name, overrides in cases.items():
+        cfg = load_config(CONFIG, [*ADAM, *overrides])
+        dims = build_mesh(resolve_layout(cfg, world), torch.device("cpu"))
+        seed_everything(cfg.train.seed)
+        with torch.device("meta"):
+            model = TitansLM(cfg.model, init=False)
+        engine = NativeEngine(model, cfg, dims, torch.device("cpu"))
+        after = torch.rand(4)  # the generator continues as after an eager start
+        seed_everything(cfg.train.seed)
+        eager = TitansLM(cfg.model)
+        out[name] = {"meta": _named(engine, "weights"),
+                     "eager": {k: v.detach().clone() for k, v in eager.named_parameters()},
+                     "rng_after": (after, torch.rand(4))}
+    return out
+
+
+def start_memory(rank: int, world: int, config: str, overrides: list[str], meta_init: bool) -> dict:
+    """Build the trainer's engine for a preset (meta-device start or eager) and report this rank's
+    peak resident memory and the bytes of the parameters it holds."""
+    from torch.distributed.tensor import DTensor
+
+    from titans_pretrain.config import load_config, resolve_layout
+    from titans_pretrain.distributed.mesh import build_mesh
+    from titans_pretrain.models import TitansLM
+    from titans_pretrain.train.engine import NativeEngine
+    from titans_pretrain.train.trainer import seed_everything
+
+    def peak_rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    cfg = load_config(config, [*overrides, f"parallel.meta_init={str(meta_init).lower()}"])
+    dims = build_mesh(resolve_layout(cfg, world), torch.device("cpu"))
+    before = peak_rss()
+    seed_everything(cfg.train.seed)
+    if meta_init:
+        with torch.device("meta"):
+            model = TitansLM(cfg.model, init=False)
+    else:
+        model = TitansLM(cfg.model)
+    engine = NativeEngine(model, cfg, dims, torch.device("cpu"))
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in engine.model.parameters())
+    return {"peak_rss": peak_rss(), "before": before, "local_param_bytes": local,
+            "model_bytes": engine.module.num_params() * 4 if not meta_init else None}

@@ -110,7 +110,7 @@ def test_layer_is_its_parts_on_the_recurrent_reference(make_config):
     q, k, v, _ = layer.qkv(x)
     theta, eta, alpha = layer.gates(x)
     y, ref_state = memory_recurrent(q, k, v, theta, eta, alpha, init_state(list(layer.initial_weights), 2),
-                                    chunk_size=3, activation="gelu")
+                                    chunk_size=3, activation="gelu", surprise_clip=layer.surprise_clip)
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * layer.out_norm.weight
     ref = layer.out_proj(y.transpose(1, 2).flatten(2) * torch.sigmoid(layer.gate_proj(x)))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

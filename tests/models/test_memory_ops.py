@@ -10,6 +10,7 @@ from titans_pretrain.models.memory_ops import (
     memory_chunked,
     memory_read,
     memory_recurrent,
+    surprise_clip_scale,
     surprise_gradients,
 )
 
@@ -68,6 +69,91 @@ def test_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, chunk, a
     names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(depth)] + [f"S{i}" for i in range(depth)]
     for name, a, b in zip(names, g_c, g_r):
         assert _rel_err(a, b) < RTOL, name
+
+
+def _median_surprise_norm(tensors, state, act="gelu"):
+    """A clip at the median surprise norm (at the initial weights) clips about half the tokens."""
+    inputs, deltas = surprise_gradients(tensors[1].detach(), tensors[2].detach(),
+                                        [w.detach() for w in state.weights], activation=act)
+    _, r2 = surprise_clip_scale(inputs, deltas, 1.0)
+    return r2.sqrt().median().item()
+
+
+@pytest.mark.parametrize("B,H,T,D,depth,chunk,act", CASES)
+def test_clipped_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, chunk, act):
+    """The surprise clip in the dual form (hand-written backward through the clip factor) against
+    plain autograd through the token-by-token rule, with about half the tokens clipped."""
+    tensors, state = _inputs(B, H, T, D, depth, seed=T * 7 + depth, requires_grad=True)
+    clip = _median_surprise_norm(tensors, state, act)
+    leaves = list(tensors) + list(state.weights) + list(state.momentum)
+    g = torch.Generator().manual_seed(1)
+    probe_y = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    probes = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in state.weights + state.momentum]
+    results = []
+    for fn in (memory_recurrent, memory_chunked):
+        y, final = fn(*tensors, state, chunk_size=chunk, activation=act, surprise_clip=clip)
+        loss = (y * probe_y).sum() + sum((t * p).sum() for t, p in zip(final.weights + final.momentum, probes))
+        results.append((y, final, torch.autograd.grad(loss, leaves)))
+    (y_r, s_r, g_r), (y_c, s_c, g_c) = results
+    assert _rel_err(y_c, y_r) < RTOL
+    for a, b in zip(s_c.weights + s_c.momentum, s_r.weights + s_r.momentum):
+        assert _rel_err(a, b) < RTOL
+    for i, (a, b) in enumerate(zip(g_c, g_r)):
+        assert _rel_err(a, b) < RTOL, i
+    bare, _ = memory_chunked(*tensors, state, chunk_size=chunk, activation=act)
+    assert _rel_err(bare, y_c) > 1e-3  # the clip acted
+
+
+def test_clip_is_a_per_token_scale_of_theta():
+    """Clipping token t's surprise to norm tau is the bare rule with theta_t * min(1, tau / |u_t|)."""
+    tensors, state = _inputs(1, 2, 9, 4, 2, seed=29)
+    q, k, v, theta, eta, alpha = tensors
+    clip = _median_surprise_norm(tensors, state)
+    y, final = memory_chunked(*tensors, state, chunk_size=1, surprise_clip=clip)
+    # chunk 1: every surprise is taken at the latest weights, so the factor is computed token by token
+    weights, momentum, scaled = list(state.weights), list(state.momentum), []
+    for t in range(9):
+        step = [x[:, :, t:t + 1] for x in tensors]
+        inputs, deltas = surprise_gradients(step[1], step[2], weights)
+        factor, _ = surprise_clip_scale(inputs, deltas, clip)
+        scaled.append(theta[:, :, t] * factor[..., 0, 0])
+        _, st = memory_chunked(*step[:3], scaled[-1][..., None], *step[4:], type(state)(tuple(weights),
+                               tuple(momentum)), chunk_size=1)
+        weights, momentum = list(st.weights), list(st.momentum)
+    y_bare, final_bare = memory_chunked(q, k, v, torch.stack(scaled, -1), eta, alpha, state, chunk_size=1)
+    assert _rel_err(y, y_bare) < RTOL and _rel_err(final.weights[1], final_bare.weights[1]) < RTOL
+    assert (torch.stack(scaled, -1) < theta).any() and (torch.stack(scaled, -1) == theta).any()
+
+
+def test_clip_bounds_the_momentum_whatever_the_values():
+    """|theta u_t| <= theta_max * tau for every token, so |S| <= theta_max * tau / (1 - eta_max) per
+    layer: a hard bound, checked with values a million times larger than the memory's outputs."""
+    tensors, state = _inputs(1, 2, 64, 4, 2, seed=31)
+    q, k, v, theta, eta, alpha = tensors
+    tau = 0.5
+    _, final = memory_chunked(q, k, 1e6 * v, theta, eta, alpha, state, chunk_size=8, surprise_clip=tau)
+    state0 = max(s.norm(dim=(-2, -1)).max() for s in state.momentum)
+    bound = state0 + theta.max() * tau / (1 - eta.max())
+    assert all(s.norm(dim=(-2, -1)).max() <= bound for s in final.momentum)
+    _, bare = memory_chunked(q, k, 1e6 * v, theta, eta, alpha, state, chunk_size=8)
+    assert all(not s.norm(dim=(-2, -1)).max() <= 1e3 * bound for s in bare.momentum)  # far above, or NaN
+
+
+@pytest.mark.parametrize("interval", [2, 3, 7])
+def test_state_interval_recomputes_the_same_numbers(interval):
+    """Keeping every k-th chunk-start state and recomputing the others in backward repeats the
+    forward's operations exactly: outputs, final state and every gradient are bit-identical."""
+    tensors, state = _inputs(2, 2, 26, 4, 2, seed=37, requires_grad=True)  # 7 chunks of 4, the last short
+    leaves = list(tensors) + list(state.weights) + list(state.momentum)
+    clip = _median_surprise_norm(tensors, state)
+    results = []
+    for k in (1, interval):
+        y, final = memory_chunked(*tensors, state, chunk_size=4, surprise_clip=clip, state_interval=k)
+        loss = (y * y.detach()).sum() + sum((t * t.detach()).sum() for t in final.weights + final.momentum)
+        results.append([y, *final.weights, *final.momentum, *torch.autograd.grad(loss, leaves)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(ValueError, match="state_interval"):
+        memory_chunked(*tensors, state, chunk_size=4, state_interval=0)
 
 
 def test_surprise_is_the_autograd_gradient_of_the_inner_loss():
@@ -164,6 +250,10 @@ def test_bad_inputs_raise_clear_errors():
     q, k, v, th, et, al = tensors
     with pytest.raises(ValueError, match="theta"):
         memory_chunked(q, k, v, th[..., :3], et, al, state, chunk_size=2)
+    for fn in (memory_chunked, memory_recurrent):
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(ValueError, match="surprise_clip"):
+                fn(*tensors, state, chunk_size=2, surprise_clip=bad)
 
 
 def test_state_math_ignores_an_outer_bf16_autocast():

@@ -26,6 +26,8 @@ VARIANTS = ("mac", "mag", "mal", "lmm")
     (dict(segment_len=-1), "segment_len"),
     (dict(n_persistent=-1), "n_persistent"),
     (dict(theta_max=0.0), "theta_max"),
+    (dict(surprise_clip=-1.0), "surprise_clip"),
+    (dict(surprise_clip=float("inf")), "surprise_clip"),
     (dict(variant="lmm", use_memory=False), "use_memory"),
 ])
 def test_config_errors_name_the_field(overrides, field):
@@ -181,7 +183,7 @@ def _reference_mac_block(block, x):
         eta = (c.eta_max * torch.sigmoid(mem.eta_proj(y))).transpose(1, 2)
         alpha = torch.sigmoid(mem.alpha_proj(y)).transpose(1, 2)
         r, state = memory_recurrent(q, k, v, theta, eta, alpha, state, chunk_size=c.chunk_size,
-                                    activation=c.memory_activation)
+                                    activation=c.memory_activation, surprise_clip=c.surprise_clip)
         r = out_head(r, y)
         if c.mac_output_gate == "sigmoid":
             gate = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + c.norm_eps) * block.memory_out_norm.weight

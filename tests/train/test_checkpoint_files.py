@@ -91,14 +91,17 @@ def test_resave_of_the_same_step_replaces_it(tmp_path):
     assert ckpt.verify_checkpoint(tmp_path / "step_00000005") is None
 
 
-def test_checkpoint_config_reads_pre_gate_mac_checkpoints_as_the_product(tmp_path):
+@pytest.mark.parametrize("key, now, legacy", [("mac_output_gate", "sigmoid", "product"),
+                                              ("surprise_clip", 0.3, 0.0)])
+def test_checkpoint_config_reads_older_checkpoints_as_they_were_trained(tmp_path, key, now, legacy):
     """A checkpoint whose config predates `model.mac_output_gate` holds a product-output MAC (no
-    `memory_out_norm` weights); one that names the gate keeps it."""
+    `memory_out_norm` weights), one that predates `model.surprise_clip` was trained with the bare
+    memory rule; one that names the key keeps it."""
     from titans_pretrain.config import load_config, save_config
 
     cfg = load_config(None, ["model.variant=mac"])
     save_config(cfg, tmp_path / "config.yaml")
-    assert ckpt.checkpoint_config(tmp_path).model.mac_output_gate == "sigmoid"
+    assert getattr(ckpt.checkpoint_config(tmp_path).model, key) == now
     text = (tmp_path / "config.yaml").read_text()
-    (tmp_path / "config.yaml").write_text("\n".join(l for l in text.splitlines() if "mac_output_gate" not in l))
-    assert ckpt.checkpoint_config(tmp_path).model.mac_output_gate == "product"
+    (tmp_path / "config.yaml").write_text("\n".join(l for l in text.splitlines() if key not in l))
+    assert getattr(ckpt.checkpoint_config(tmp_path).model, key) == legacy

@@ -46,6 +46,9 @@ def test_run_folder(run_a):
     assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
     for m in lines:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= m.keys()
+        for block in (0, 1):  # the memory's per-layer statistics (train/memory_monitor.py)
+            assert 0 < m[f"memory_weight_norm_max/{block}"] < 1e3
+            assert 0 < m[f"memory_theta_mean/{block}"] < 0.003  # theta_max
         assert m["mfu"] is None  # CPU: no known peak
         assert m["tokens"] == m["step"] * 256 and m["tokens_per_s"] > 0
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.1  # it learns
@@ -65,6 +68,13 @@ def test_stop_and_resume_is_bit_exact(run_a, tmp_path, data_dir):
     assert "resumed from" in out and "step 3" in out
     assert losses(tmp_path) == losses(run_a)  # exact float equality, every step
     _same_weights(tmp_path, run_a)
+
+
+def test_resume_names_the_model_keys_it_changes(tmp_path, data_dir):
+    train(tmp_path, data_dir, "train.stop_at=2")
+    out = train(tmp_path, data_dir, "train.stop_at=3", "model.surprise_clip=0").stdout
+    assert "this run changes model.surprise_clip: 0.3 in the checkpoint -> 0.0 now" in out, out[-2000:]
+    assert "resumed from" in out
 
 
 def test_sigkill_during_save_resumes_from_previous(run_a, tmp_path, data_dir):
@@ -105,6 +115,17 @@ def test_nan_guard_skips_then_aborts(tmp_path, data_dir):
                 check=False)
     assert bad.returncode == 3
     assert "3 non-finite steps in a row" in bad.stdout
+
+
+def test_nan_guard_names_the_diverging_memory(tmp_path, data_dir):
+    """The bare rule with an inner step far too large diverges in the first forward: the guard says
+    which block's memory went non-finite first, and at which token; the default clip trains on."""
+    bad = train(tmp_path / "bare", data_dir, "model.theta_max=50", "model.surprise_clip=0",
+                "train.max_bad_steps=2", check=False)
+    assert bad.returncode == 3, bad.stdout[-2000:]
+    assert bad.stdout.count("the memory of block 0 went non-finite first, at token") == 2, bad.stdout[-2000:]
+    ok = train(tmp_path / "clip", data_dir, "model.theta_max=50", "train.steps=3")
+    assert "non-finite" not in ok.stdout
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path, data_dir):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -14,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from titans_pretrain.config import ParallelConfig
 from titans_pretrain.distributed.context_parallel import ContextParallel, apply_context_parallel
+from titans_pretrain.distributed.meta_init import is_meta, materialize
 from titans_pretrain.distributed.mesh import ParallelDims
+from titans_pretrain.models import TitansLM
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -36,8 +39,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
                 cp: ContextParallel | None = None, fsdp_roots: list[nn.Module] | None = None,
-                reshard_after_forward: bool | None = None) -> nn.Module:
+                reshard_after_forward: bool | None = None, device: torch.device | None = None) -> nn.Module:
     """Return the model to train (the same object for FSDP2; a DDP wrapper for ddp).
+
+    A model on the meta device (a TitansLM or a pipeline stage of one, built without drawing) is
+    materialised on ``device`` once it is sharded (before DDP wraps it), each rank allocating and
+    initialising only its shards, with the weights of an eager start (``meta_init.materialize``).
 
     With activation checkpointing and ``cp``, a block's slice is recomputed in backward from its
     received entry state (the relay stays outside the recomputed region). A pipeline stage passes
@@ -56,6 +63,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         for block in blocks_of(model):
             block.compile()
     if cfg.data_parallel == "ddp":
+        _materialize_if_meta(model, device)
         device_ids = [model.embed.weight.device.index] if model.embed.weight.is_cuda else None
         # under cp, M_0 only enters the graph on the first slice: the other ranks must say so
         return DistributedDataParallel(model, device_ids=device_ids, process_group=dims.dp_mesh.get_group(),
@@ -65,7 +73,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig,
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for root in fsdp_roots or [model]:
         fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    _materialize_if_meta(model, device)
     return model
+
+
+def _materialize_if_meta(model: nn.Module, device: torch.device | None) -> None:
+    if not is_meta(model):
+        return
+    if device is None:
+        raise ValueError("parallelize: the model is on the meta device; pass the device to materialise it on")
+    config = model.config
+    materialize(model, lambda: TitansLM(config, init=False), lambda m: m.reset_parameters(), device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

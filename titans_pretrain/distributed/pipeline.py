@@ -182,7 +182,8 @@ class Pipeline:
         each stage module is an FSDP root, blocks stay gathered across micro-batches."""
         from titans_pretrain.distributed.parallelize import parallelize
 
-        parallelize(self.model, self.dims, p, cp=self.cp, fsdp_roots=self.views, reshard_after_forward=False)
+        parallelize(self.model, self.dims, p, cp=self.cp, fsdp_roots=self.views, reshard_after_forward=False,
+                    device=self.device)
 
     def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
         from titans_pretrain.distributed.tensor_parallel import loss_context

@@ -24,8 +24,10 @@ __all__ = ["hf_to_native", "load_hf_weights", "titans_config_from_json", "write_
 
 
 def titans_config_from_json(hf_dir: Path):
-    """``TitansConfig`` from an exported ``config.json`` (keys it lacks keep their defaults)."""
+    """``TitansConfig`` from an exported ``config.json`` (keys it lacks keep their defaults, or read
+    as ``LEGACY_DEFAULTS`` where the key was added after the export)."""
     from titans_pretrain.models import TitansConfig
+    from titans_pretrain.models.titans import LEGACY_DEFAULTS
 
     path = hf_dir / "config.json"
     if not path.is_file():
@@ -35,7 +37,7 @@ def titans_config_from_json(hf_dir: Path):
         raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, not 'titans'; only Titans exports "
                          "convert back")
     names = {f.name for f in dataclasses.fields(TitansConfig)}
-    return TitansConfig(**{k: v for k, v in raw.items() if k in names}), raw
+    return TitansConfig(**{**LEGACY_DEFAULTS, **{k: v for k, v in raw.items() if k in names}}), raw
 
 
 def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:

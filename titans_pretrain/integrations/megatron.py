@@ -171,7 +171,8 @@ class TitansMemoryMixer(MemoryLayer, MegatronModule):
         c = titans
         self.total_heads = c.n_heads
         self.n_heads, self.head_dim = c.n_heads // self.tp_size, c.resolved_head_dim  # local heads
-        self.chunk_size, self.activation = c.chunk_size, c.memory_activation
+        self.chunk_size, self.activation, self.surprise_clip = c.chunk_size, c.memory_activation, c.surprise_clip
+        self.state_interval = c.memory_state_interval
         self.theta_max, self.eta_max, self.per_chunk_gates = c.theta_max, c.eta_max, c.per_chunk_gates
         H, D, d = c.n_heads, self.head_dim, c.d_model
         inner, local_inner = H * D, self.n_heads * D

@@ -31,7 +31,7 @@ from titans_pretrain.models.norms import RMSNorm
 if TYPE_CHECKING:  # pragma: no cover
     from titans_pretrain.models.titans import TitansConfig
 
-__all__ = ["CausalDepthwiseConv", "MemoryLayer", "MemoryLayerState"]
+__all__ = ["CausalDepthwiseConv", "MemoryLayer", "MemoryLayerState", "MemoryMonitor"]
 
 
 @dataclass
@@ -41,6 +41,53 @@ class MemoryLayerState:
 
     memory: MemoryState
     conv_tails: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MemoryMonitor:
+    """What one memory layer did while attached (``layer.monitor = MemoryMonitor()``): the largest
+    per-head memory-weight norm at the end of each call, the mean ``theta``, and (``locate=True``) the
+    first token whose layer input or memory read is non-finite.
+
+    The numbers stay device tensors (no host sync per call); the trainer reduces them at its logging
+    interval. Positions count the tokens of every call since the monitor was attached, so MAC's
+    segment calls continue one another: attach it for one forward when locating. A non-finite input
+    spoils the dual form's reads of its whole chunk (a zero coefficient times NaN is NaN), so the
+    input is also located by the start of its chunk, to tell a bad input from a diverging memory.
+    """
+
+    def __init__(self, locate: bool = False):
+        self.locate = locate
+        self.weight_norm_max: Tensor | None = None
+        self.theta_sum: Tensor | None = None
+        self.theta_count = 0
+        self.position = 0
+        self.first_bad_input: int | None = None
+        self.first_bad_input_chunk: int | None = None
+        self.first_bad_read: int | None = None
+
+    @torch.no_grad()
+    def observe(self, x: Tensor, theta: Tensor, read: Tensor, memory: MemoryState, chunk_size: int) -> None:
+        norm = torch.stack([w.detach().float().norm(dim=(-2, -1)).amax() for w in memory.weights]).amax()
+        self.weight_norm_max = norm if self.weight_norm_max is None else torch.maximum(self.weight_norm_max, norm)
+        theta_sum = theta.detach().float().sum()
+        self.theta_sum = theta_sum if self.theta_sum is None else self.theta_sum + theta_sum
+        self.theta_count += theta.numel()
+        if self.locate:
+            if self.first_bad_input is None:
+                t = self._first_bad((~torch.isfinite(x).all(-1)).any(0))                    # x (B, T, d)
+                if t is not None:
+                    self.first_bad_input = self.position + t
+                    self.first_bad_input_chunk = self.position + t // chunk_size * chunk_size
+            if self.first_bad_read is None:
+                t = self._first_bad((~torch.isfinite(read).all(-1)).flatten(0, 1).any(0))  # (B, H, T, D)
+                self.first_bad_read = None if t is None else self.position + t
+        self.position += x.shape[1]
+
+    @staticmethod
+    def _first_bad(bad: Tensor) -> int | None:
+        """``bad`` is ``(T,)``: the index of its first True."""
+        hits = bad.nonzero()
+        return None if hits.numel() == 0 else int(hits[0, 0])
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -74,11 +121,14 @@ class CausalDepthwiseConv(nn.Module):
 class MemoryLayer(nn.Module):
     """Projections, conv, gates, learned ``M_0``, the memory update/read, per-head norm, output gate."""
 
+    monitor: MemoryMonitor | None = None  # attached by the trainer for metrics and diagnosis
+
     def __init__(self, config: "TitansConfig"):
         super().__init__()
         c = config
         self.n_heads, self.head_dim = c.n_heads, c.resolved_head_dim
-        self.chunk_size, self.activation = c.chunk_size, c.memory_activation
+        self.chunk_size, self.activation, self.surprise_clip = c.chunk_size, c.memory_activation, c.surprise_clip
+        self.state_interval = c.memory_state_interval
         self.theta_max, self.eta_max, self.per_chunk_gates = c.theta_max, c.eta_max, c.per_chunk_gates
         H, D, d = self.n_heads, self.head_dim, c.d_model
         inner = H * D
@@ -165,7 +215,10 @@ class MemoryLayer(nn.Module):
         q, k, v, tails = self.qkv(x, state.conv_tails)
         theta, eta, alpha = self.gates(x)
         y, memory = memory_chunked(q, k, v, theta, eta, alpha, state.memory,
-                                   chunk_size=self.chunk_size, activation=self.activation)
+                                   chunk_size=self.chunk_size, activation=self.activation,
+                                   surprise_clip=self.surprise_clip, state_interval=self.state_interval)
+        if self.monitor is not None:
+            self.monitor.observe(x, theta, y, memory, self.chunk_size)
         return self._output(y, x), MemoryLayerState(memory, tails)
 
     def read_context(self, x: Tensor, state: MemoryLayerState | None = None) -> tuple[Tensor, MemoryLayerState]:

@@ -26,33 +26,44 @@ from titans_pretrain.models.attention import Attention
 from titans_pretrain.models.memory import CausalDepthwiseConv, MemoryLayer
 from titans_pretrain.models.norms import RMSNorm
 
-__all__ = ["TitansConfig", "TitansLM", "TitansOutput", "TitansState"]
+__all__ = ["LEGACY_DEFAULTS", "TitansConfig", "TitansLM", "TitansOutput", "TitansState"]
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 ACTIVATIONS = ("gelu", "silu")
 MAC_OUTPUT_GATES = ("sigmoid", "product")
+# Keys added after models were first saved, with the value that reproduces those models: a saved
+# config (a checkpoint's config.yaml, an exported config.json) that lacks one reads as this, not as
+# today's default. MAC's output was the plain product; the memory ran the bare rule (no clip).
+LEGACY_DEFAULTS = {"mac_output_gate": "product", "surprise_clip": 0.0}
 
 
 @dataclass
 class TitansConfig:
     """Model hyperparameters. Gate conventions (paper silent, our choice):
 
-    ``theta = theta_max * sigmoid(x w + theta_bias)``. The inner loss is summed over the value
-    dimension, the gradients of a chunk are summed at the chunk-start weights, and per-token momentum
-    integrates each of them for ~``1 / (1 - eta)`` tokens, so one chunk moves the memory by about
-    ``theta * chunk_size / (1 - eta) * 2 ||a||^2`` along a direction shared by the chunk's keys.
-    Past ~2 the inner descent overshoots and, since a growing deep memory raises its own curvature,
-    the memory diverges within a few chunks: with ``theta_max = 0.1`` a freshly initialised 4-layer
-    MAC gave NaN within 1024 tokens of Python source (chunk 16 and 64 alike); ``0.03`` and below
-    stayed finite at init. Both gates are therefore bounded: ``theta = theta_max * sigmoid(...)`` and
-    ``eta = eta_max * sigmoid(...)`` with ``eta_max = 0.9`` (at most ~10 tokens of momentum). On the
-    demo model (MAC, segment 64, chunk 16, i.e. 4 inner steps per segment, outer lr 3e-3) training
-    diverged after 44-73 steps with ``theta_max`` 0.02 and 0.01, and trained 200 steps cleanly with
-    ``theta_max = 0.003`` (final val loss 3.72, vs 3.78 with one chunk per segment at 0.01): that is
-    the default (theta ~0.0008 at init with ``theta_bias = -1``). Watch ``grad_norm`` when raising it.
-    Small models on synthetic tasks learn faster with more (the tests use up to 0.3 on short
-    sequences). ``eta_bias = 1`` and ``alpha_bias = -6`` (forgetting ~0.0025 per token) start with
-    little forgetting, as the paper advises.
+    ``theta = theta_max * sigmoid(x w + theta_bias)``, ``eta = eta_max * sigmoid(...)`` (``eta_max =
+    0.9``: at most ~10 tokens of momentum), ``alpha = sigmoid(...)``. ``eta_bias = 1`` and
+    ``alpha_bias = -6`` (forgetting ~0.0025 per token) start with little forgetting, as the paper
+    advises; ``theta_bias = -1`` starts theta at ~0.27 theta_max.
+
+    **Stability** (docs/training.md, "Memory stability"). The inner loss is summed over the value
+    dimension, a chunk's surprises are all taken at its start weights and per-token momentum
+    integrates each for ~``1 / (1 - eta)`` tokens, so a chunk of aligned keys moves the memory by up to
+    ``theta * chunk_size / (1 - eta)`` times the inner curvature; a deep memory's curvature grows with
+    its own weights. Past ~2 the inner descent overshoots and the memory diverges chunk by chunk: the
+    paper-shape presets (chunk 64) did so within 20 steps of training at lr 4e-4, and the demo model
+    with ``theta_max`` 0.01. Capping ``theta_max`` (0.003 here) only moves that edge. So every token's
+    surprise is clipped to norm ``surprise_clip`` (a per-token scale of theta, exact in the dual form
+    and the kernels): the memory moves by at most ``theta_max * surprise_clip`` per token, and where
+    surprises are large (the diverging regime) the inner step shrinks with them, which keeps the
+    chunk-to-chunk map contracting; gradients through the memory then stay bounded too. ``0`` is the
+    bare rule (the default of checkpoints written before the key existed, see ``LEGACY_DEFAULTS``).
+    Small models on synthetic tasks learn faster with a larger ``theta_max`` (the tests use up to 0.3
+    on short sequences; ``configs/needle_*.yaml`` 0.2).
+
+    ``memory_state_interval``: the memory core keeps the chunk-start state of every k-th chunk for
+    backward and recomputes the chunks in between (the same numbers for any k; docs/parallelism.md,
+    "Memory arithmetic", has the bytes and bench/RESULTS.md the time).
 
     ``mac_output_gate``: MAC's output ``y (x) M(y)`` as ``y * sigmoid(norm(M(u)))`` (``"sigmoid"``,
     the non-linear gate of the paper's §4.2, as MAG) or ``u * M(u)`` (``"product"``, the plain
@@ -71,6 +82,8 @@ class TitansConfig:
     memory_activation: str = "gelu"
     chunk_size: int = 64
     theta_max: float = 0.003
+    surprise_clip: float = 0.3
+    memory_state_interval: int = 4
     theta_bias: float = -1.0
     eta_bias: float = 1.0
     eta_max: float = 0.9
@@ -98,7 +111,7 @@ class TitansConfig:
         if self.memory_activation not in ACTIVATIONS:
             raise bad("memory_activation", f"must be one of {ACTIVATIONS}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "memory_depth", "memory_expansion",
-                     "chunk_size", "conv_kernel", "window", "segment_len"):
+                     "chunk_size", "conv_kernel", "window", "segment_len", "memory_state_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
@@ -115,6 +128,8 @@ class TitansConfig:
             raise bad("theta_max", "must be > 0")
         if not 0 < self.eta_max <= 1:
             raise bad("eta_max", "must be in (0, 1]")
+        if not (isinstance(self.surprise_clip, (int, float)) and 0 <= self.surprise_clip < math.inf):
+            raise bad("surprise_clip", "must be a finite number >= 0 (0 = the bare rule, no clip)")
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be > 0")
@@ -162,7 +177,9 @@ def upcast(logits: Tensor) -> Tensor:
 class TitansLM(nn.Module):
     """A Titans language model (variant from ``config.variant``), single device."""
 
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansConfig, init: bool = True):
+        """``init=False`` leaves the parameters as the submodules' constructors left them;
+        :meth:`reset_parameters` finishes the start (the meta-device start replays the two apart)."""
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -171,7 +188,8 @@ class TitansLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """(Re)initialise every parameter, so a model built on the meta device and materialised

@@ -269,17 +269,18 @@ def load_extras(folder: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ one process
 def checkpoint_config(folder: str | Path):
-    """The run config saved in a checkpoint folder. Checkpoints written before
-    ``model.mac_output_gate`` existed hold MAC models with the plain product output (no
-    ``memory_out_norm`` weights), so a config without that key reads as ``"product"``."""
+    """The run config saved in a checkpoint folder. A model key added after the checkpoint was
+    written reads as the value the checkpoint was trained with (``LEGACY_DEFAULTS``: MAC's plain
+    product output, no ``memory_out_norm`` weights; the bare memory rule, no surprise clip)."""
     import yaml
 
     from titans_pretrain.config import load_config
+    from titans_pretrain.models.titans import LEGACY_DEFAULTS
 
     path = Path(folder) / "config.yaml"
     raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    legacy = isinstance(raw, dict) and "mac_output_gate" not in (raw.get("model") or {})
-    return load_config(path, ["model.mac_output_gate=product"] if legacy else [])
+    saved = (raw.get("model") or {}) if isinstance(raw, dict) else {}
+    return load_config(path, [f"model.{k}={v}" for k, v in LEGACY_DEFAULTS.items() if k not in saved])
 
 
 def load_checkpoint(path: str | Path):

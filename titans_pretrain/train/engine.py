@@ -82,7 +82,7 @@ class NativeEngine:
             self.pipeline = Pipeline(model, cfg, dims, device, self.cp)
             self.model = self.pipeline.model
         else:
-            self.model = parallelize(model, dims, cfg.parallel, self.cp)
+            self.model = parallelize(model, dims, cfg.parallel, self.cp, device=device)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

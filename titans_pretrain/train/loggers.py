@@ -38,8 +38,10 @@ class ConsoleLogger:
         tps = m.get("tokens_per_s") or 0.0
         eta = (self.total - m["step"]) * m.get("step_time", float("nan"))
         cp = "" if m.get("cp_idle") is None else f" | cp idle {m['cp_idle']:.2f}"
+        norms = [v for k, v in m.items() if k.startswith("memory_weight_norm_max/")]
+        mem = f" | mem |W| {max(norms):.3g}" if norms else ""
         print(f"step {m['step']:>6}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-              f"gnorm {m['grad_norm']:.3f} | {tps:,.0f} tok/s | mfu {mfu}{cp} | eta {_fmt_duration(eta)}",
+              f"gnorm {m['grad_norm']:.3f}{mem} | {tps:,.0f} tok/s | mfu {mfu}{cp} | eta {_fmt_duration(eta)}",
               file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ SIGTERM/SIGUSR1 after saving (requeue the job), `EXIT_DIVERGED` (3) too many non
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from titans_pretrain.train import checkpoint as ckpt
 from titans_pretrain.train.data import ensure_dataset, forever, make_loader
 from titans_pretrain.train.flops import device_peak_flops, flops_per_token, mfu
 from titans_pretrain.train.loggers import MetricLoggers, Throughput
+from titans_pretrain.train.memory_monitor import MemoryMonitors
 from titans_pretrain.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequest
 
 
@@ -69,6 +71,7 @@ class Trainer:
         dist.barrier()
         self.manifest = ensure_dataset(cfg, log=self.log)
         self.engine = self._build_engine()
+        self.memory = MemoryMonitors(self.engine.module, cfg.model.n_layers, self.device)
         self.loader = make_loader(self.manifest, cfg, "train", self.dims.dp_rank, self.dims.dp_size)
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, log=self.log)
         self.progress = Progress()
@@ -83,7 +86,11 @@ class Trainer:
         from titans_pretrain.models import TitansLM
 
         seed_everything(self.cfg.train.seed)  # identical initial weights on every rank
-        model = TitansLM(self.cfg.model).to(self.device)
+        if self.cfg.parallel.meta_init and self.cfg.parallel.engine == "native":
+            with torch.device("meta"):  # no memory, no draws: parallelize allocates and fills the shards
+                model = TitansLM(self.cfg.model, init=False)
+        else:
+            model = TitansLM(self.cfg.model).to(self.device)
         self.flops_token = flops_per_token(model, self.cfg.model, self.cfg.data.seq_len)
         self.n_params = model.num_params()
         if self.cfg.parallel.engine == "deepspeed":
@@ -123,6 +130,7 @@ class Trainer:
                 f"{self.dims.dp_size}; a DeepSpeed ZeRO checkpoint loads only onto the size that wrote "
                 f"it: resume with {meta['dp_size']} ranks (or convert it with "
                 "deepspeed.checkpoint.ds_to_universal)")
+        self._report_model_changes(folder)
         self.engine.load(folder)
         extras = ckpt.load_extras(folder)
         self._pick_extra(extras, meta)
@@ -133,6 +141,16 @@ class Trainer:
         if self.is_main:
             self._truncate_metrics(p.step)
         self.log(f"[checkpoint] resumed from {folder} at step {p.step} ({p.tokens:,} tokens)")
+
+    def _report_model_changes(self, folder: Path) -> None:
+        """Say which model keys this run sets differently from the checkpoint's config (a key the
+        checkpoint predates reads as the value it was trained with, e.g. the bare memory rule): the
+        run continues with this run's values; shapes that differ fail in the load that follows."""
+        saved = ckpt.checkpoint_config(folder).model
+        changed = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint -> {v!r} now"
+                   for k, v in vars(self.cfg.model).items() if getattr(saved, k) != v]
+        if changed:
+            self.log(f"[checkpoint] {folder.name}: this run changes {'; '.join(changed)}")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop lines logged after the checkpoint (by the run that died): they are redone now."""
@@ -223,7 +241,10 @@ class Trainer:
                 self.ckpt.wait()
                 return EXIT_PREEMPTED
             micro = [next(stream) for _ in range(self.layout.grad_accum)]
-            result = self.engine.train_step(micro)
+            log_now = (p.step + 1) % cfg.logging.interval == 0 or p.step + 1 == cfg.train.steps
+            with self.memory.attached() if log_now else contextlib.nullcontext():
+                result = self.engine.train_step(micro)
+            memory_metrics = self.memory.metrics() if log_now else {}
             p.step += 1
             p.tokens += self.tokens_per_step
             meter.add(self.tokens_per_step)
@@ -234,19 +255,20 @@ class Trainer:
                 p.skipped += 1
                 self.log(f"[train] step {p.step}: non-finite loss {result.loss} or gradient norm "
                          f"{result.grad_norm}; update skipped ({p.bad_in_a_row} in a row, "
-                         f"{p.skipped} total)")
+                         f"{p.skipped} total); {self._locate_nonfinite(micro)}")
                 if p.bad_in_a_row >= cfg.train.max_bad_steps:
                     raise TrainingDiverged(
                         f"{p.bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
                         f"{cfg.train.max_bad_steps}) at step {p.step}: lower optim.lr, check the data, "
                         "or resume from an earlier checkpoint")
-            if p.step % cfg.logging.interval == 0 or p.step == cfg.train.steps:
+            if log_now:
                 tps, step_time = meter.read()
                 loggers.log({"step": p.step, "loss": result.loss, "lr": result.lr,
                              "grad_norm": result.grad_norm, "tokens": p.tokens, "tokens_per_s": tps,
                              "mfu": mfu(self.flops_token, tps, self.world, peak),
                              "step_time": step_time, "skipped_steps": p.skipped,
-                             **({} if result.cp_idle is None else {"cp_idle": result.cp_idle})})
+                             **({} if result.cp_idle is None else {"cp_idle": result.cp_idle}),
+                             **memory_metrics})
             if cfg.train.val_interval and p.step % cfg.train.val_interval == 0 and p.step < cfg.train.steps:
                 val = self.validate()
                 if val is not None:
@@ -265,6 +287,12 @@ class Trainer:
         self.log(f"[train] done: {p.step} steps, {p.tokens:,} tokens. Run folder: {self.run_dir.resolve()} "
                  f"(metrics.jsonl, config.yaml, checkpoints/latest)")
         return 0
+
+    def _locate_nonfinite(self, micro: list[dict]) -> str:
+        """Run the step's micro-batches forward again with locating monitors: where did it start?"""
+        with self.memory.attached(locate=True):
+            self.engine.evaluate(micro)
+        return self.memory.nonfinite_report()
 
     def sample(self) -> str | None:
         """Greedy continuation of `train.sample_prompt` (every rank runs it: FSDP forward is collective)."""
