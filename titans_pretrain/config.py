@@ -60,8 +60,9 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    # native engine: build on the meta device and initialise each rank's shards only (the weights of
-    # an eager start, bit for bit); false: build the whole model on every rank, then shard
+    # never build the whole model on a rank: native engine on the meta device, then each rank
+    # initialises its shards; deepspeed ZeRO-3 partitioned at construction (other ZeRO stages keep a
+    # full copy anyway). The weights of an eager start, bit for bit. false: build whole, then shard
     meta_init: bool = True
 
 

@@ -124,7 +124,7 @@ def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -
     from deepspeed.utils import safe_get_full_grad
 
     from titans_pretrain.config import load_config, resolve_layout
-    from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
+    from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine, build_partitioned
     from titans_pretrain.distributed.mesh import build_mesh
     from titans_pretrain.models import TitansLM
     from titans_pretrain.train.trainer import seed_everything
@@ -133,7 +133,11 @@ def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -
     layout = resolve_layout(cfg, world)
     dims = build_mesh(layout, torch.device("cpu"))
     seed_everything(cfg.train.seed)
-    eng = DeepSpeedEngine(TitansLM(cfg.model), cfg, dims, torch.device("cpu"))
+    if cfg.parallel.meta_init and cfg.parallel.zero_stage == 3:  # as the trainer: partitioned at construction
+        model = build_partitioned(cfg, dims, torch.device("cpu"))
+    else:
+        model = TitansLM(cfg.model)
+    eng = DeepSpeedEngine(model, cfg, dims, torch.device("cpu"))
     micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
     total = 0.0
     for i, mb in enumerate(micro):

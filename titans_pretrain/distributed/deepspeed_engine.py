@@ -27,6 +27,31 @@ from titans_pretrain.train.optim import build_optimizer, build_scheduler
 TAG = "ds"
 
 
+def build_partitioned(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> nn.Module:
+    """ZeRO-3's partitioned start: the model built inside ``deepspeed.zero.Init`` (each rank keeps
+    only its partition of every parameter), then filled, one gathered parameter at a time, with the
+    weights of an eager start with the same seed (``meta_init.replay_start``). Call after seeding."""
+    from titans_pretrain.distributed.meta_init import replay_start
+    from titans_pretrain.models import TitansLM
+
+    deepspeed = _import_deepspeed()
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    rng = torch.get_rng_state()
+    # dtype from the config (bf16 under mixed precision, as deepspeed.initialize would cast an eager
+    # model): an explicit dtype reads as bf16 on a CPU in this DeepSpeed
+    with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, dims, device)):
+        model = TitansLM(cfg.model, init=False)
+    torch.set_rng_state(rng)  # the replay below draws what the constructors drew, from the same state
+
+    def copy(param: torch.Tensor, values: torch.Tensor) -> None:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                param.data.copy_(values)
+
+    replay_start(model, lambda: TitansLM(cfg.model, init=False), lambda m: m.reset_parameters(), copy)
+    return model
+
+
 def _import_deepspeed():
     try:
         import deepspeed

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["is_meta", "materialize"]
+__all__ = ["is_meta", "materialize", "replay_start"]
 
 # In-place ops that overwrite the whole tensor: an init may start with one of these. Any other
 # in-place op (mul_, clamp_, ...) must continue the op before it on the same tensor.
@@ -87,6 +87,13 @@ def materialize(module: nn.Module, build: Callable[[], nn.Module], init: Callabl
     with what an eager start holds, ``m = build(); init(m)``, by name. The generator must be where it
     was when the eager start would have begun (seed, build the meta model, shard, then call this)."""
     module.to_empty(device=device)
+    replay_start(module, build, init, _copy_into)
+
+
+def replay_start(module: nn.Module, build: Callable[[], nn.Module], init: Callable[[nn.Module], None],
+                 copy: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    """Replay an eager start (``m = build(); init(m)``) on the meta device and hand each of its final
+    full tensors to ``copy(param, values)`` for ``module``'s parameter of the same name."""
     mine: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     with torch.device("meta"), _Replay():
         reference = build()  # the constructors' draws, as in an eager start
@@ -97,7 +104,7 @@ def materialize(module: nn.Module, build: Callable[[], nn.Module], init: Callabl
 
     def sink(meta: torch.Tensor, values: torch.Tensor) -> None:
         for param in targets.get(id(meta), ()):
-            _copy_into(param, values)
+            copy(param, values)
 
     with torch.device("meta"), _Replay(sink):
         init(reference)

@@ -144,7 +144,7 @@ class MemoryLayer(nn.Module):
         self.gate_biases = {"theta_proj": c.theta_bias, "eta_proj": c.eta_bias, "alpha_proj": c.alpha_bias}
         # Memory MLP D -> E -> ... -> E -> D (depth 1: D -> D), no biases: M_0 per head.
         E = c.memory_expansion * D
-        dims = [D] + [E] * (c.memory_depth - 1) + [D]
+        self.memory_dims = dims = [D] + [E] * (c.memory_depth - 1) + [D]
         self.initial_weights = nn.ParameterList(
             nn.Parameter(torch.empty(H, dims[i], dims[i + 1])) for i in range(c.memory_depth))
         self.out_norm = RMSNorm((H, 1, D), eps=c.norm_eps)
@@ -153,11 +153,13 @@ class MemoryLayer(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Gate biases from the config (little forgetting at the start); ``M_0`` with fan-in scale."""
+        """Gate biases from the config (little forgetting at the start); ``M_0`` with fan-in scale
+        (from the layer's dims, not the tensor's shape: under ZeRO-3's partitioned construction the
+        tensor is already a partition here)."""
         for name, bias in self.gate_biases.items():
             nn.init.constant_(getattr(self, name).bias, bias)
-        for w in self.initial_weights:
-            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+        for w, fan_in in zip(self.initial_weights, self.memory_dims):
+            nn.init.normal_(w, std=1.0 / math.sqrt(fan_in))
 
     # ------------------------------------------------------------------------------- pieces
     def initial_state(self, batch_size: int) -> MemoryLayerState:

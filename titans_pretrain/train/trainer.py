@@ -83,22 +83,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ build
     def _build_engine(self):
+        """The engine around the model. By default no rank builds the whole model
+        (``parallel.meta_init``): the native engine gets it on the meta device and allocates and
+        fills only its shards; ZeRO-3 builds it partitioned. Either way the weights are an eager
+        start's with ``train.seed``, bit for bit."""
         from titans_pretrain.models import TitansLM
 
         seed_everything(self.cfg.train.seed)  # identical initial weights on every rank
-        if self.cfg.parallel.meta_init and self.cfg.parallel.engine == "native":
-            with torch.device("meta"):  # no memory, no draws: parallelize allocates and fills the shards
-                model = TitansLM(self.cfg.model, init=False)
-        else:
-            model = TitansLM(self.cfg.model).to(self.device)
-        self.flops_token = flops_per_token(model, self.cfg.model, self.cfg.data.seq_len)
-        self.n_params = model.num_params()
-        if self.cfg.parallel.engine == "deepspeed":
-            from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
+        p = self.cfg.parallel
+        with torch.device("meta"):  # no memory, no draws
+            skeleton = TitansLM(self.cfg.model, init=False)
+        self.flops_token = flops_per_token(skeleton, self.cfg.model, self.cfg.data.seq_len)
+        self.n_params = skeleton.num_params()
+        if p.engine == "deepspeed":
+            from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine, build_partitioned
 
+            if p.meta_init and p.zero_stage == 3:
+                model = build_partitioned(self.cfg, self.dims, self.device)
+            else:
+                model = TitansLM(self.cfg.model).to(self.device)
             return DeepSpeedEngine(model, self.cfg, self.dims, self.device)
         from titans_pretrain.train.engine import NativeEngine
 
+        model = skeleton if p.meta_init else TitansLM(self.cfg.model).to(self.device)
         return NativeEngine(model, self.cfg, self.dims, self.device)
 
     # ------------------------------------------------------------------ checkpoints

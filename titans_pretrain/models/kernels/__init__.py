@@ -213,7 +213,7 @@ def _padded(D: int) -> int:
 
 
 def _num_warps() -> int:
-    """``TITANS_KERNEL_NUM_WARPS``, else 4: at the issue's shape 8 warps spill as many registers and
+    """``TITANS_KERNEL_NUM_WARPS``, else 4: at the 170M shape 8 warps spill as many registers and
     need more shared memory in forward (``bench/kernel_resources.py --warps 4 8``)."""
     return int(os.environ.get("TITANS_KERNEL_NUM_WARPS", 0) or 4)
 
