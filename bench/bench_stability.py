@@ -72,6 +72,15 @@ def summary(name: str, c: dict) -> str:
             f"{max((w for w in c['wnorm'] if _finite(w)), default=math.nan):.3g} |")
 
 
+def _moving_mean(xs: list[float], n: int) -> list[float]:
+    """Mean of the last ``n`` finite values at each step (one sequence per step is a noisy loss)."""
+    out = []
+    for i in range(len(xs)):
+        window = [x for x in xs[max(0, i - n + 1):i + 1] if math.isfinite(x)]
+        out.append(sum(window) / len(window) if window else math.nan)
+    return out
+
+
 def plot(args) -> int:
     import matplotlib
 
@@ -87,7 +96,8 @@ def plot(args) -> int:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, c in runs.items():
         loss = [x if _finite(x) else math.nan for x in c["loss"]]
-        axes[0].plot(c["step"], loss, label=name, lw=1)
+        line, = axes[0].plot(c["step"], loss, lw=0.5, alpha=0.35)
+        axes[0].plot(c["step"], _moving_mean(loss, 10), label=f"{name} (mean of 10)", lw=1.5, color=line.get_color())
         axes[1].semilogy(c["step"], [g if _finite(g) else math.nan for g in c["grad_norm"]], label=name, lw=1)
         axes[2].semilogy(c["step"], c["wnorm"], label=name, lw=1)
     for ax, title in zip(axes, ("training loss", "gradient norm (before clipping)", "largest memory-weight norm")):

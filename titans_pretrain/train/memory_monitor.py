@@ -96,5 +96,7 @@ class MemoryMonitors:
                 return (f"the memory of block {i} went non-finite first, at token {bad_read} (its input was "
                         "finite up to there): its inner optimisation diverged; see docs/training.md, "
                         "\"Memory stability\" (model.surprise_clip, model.theta_max, optim.lr)")
-        return ("every memory read was finite in a forward of this step's batch: the loss or the backward "
-                "overflowed elsewhere (lower optim.lr, check the data)")
+        return ("every memory read was finite in a forward of this step's batch, so the backward overflowed: "
+                "a memory at the edge of divergence (weight or gradient norms climbing over the last steps) "
+                "overflows in backward before its forward does, see docs/training.md, \"Memory stability\"; "
+                "else lower optim.lr and check the data")
