@@ -1,4 +1,7 @@
 """Config loading: YAML + dotted overrides, and errors that name the key and the fix."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,8 @@ def test_save_and_reload_round_trip(tmp_path):
     (["optim.warmup_steps=50"], ["optim.warmup_steps", "train.steps"]),
     (["parallel.data_parallel=ddp", "parallel.dp_replicate=2"], ["dp_replicate", "fsdp"]),
     (["noequals"], ["section.key=value"]),
+    (["run_dir="], ["run_dir is empty", "current directory", "run_dir=runs/NAME"]),
+    (["data.on_corrupt=ignore"], ["data.on_corrupt", "'error', 'skip'"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:
@@ -56,6 +61,31 @@ def test_bad_values_name_the_key(override, words):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  d_model: [32\ntrain:\n  steps: 3\n",
+     "not valid YAML at line 3 column 6: expected ',' or ']', but got ':'"),
+    ("model:\n\tvariant: mac\n", "not valid YAML at line 2 column 1: found character '\\t'"),
+    ("- model\n- train\n", "the top level must be a mapping of sections (model:, train:, ...), got a list"),
+    ("just words\n", "the top level must be a mapping of sections (model:, train:, ...), got a string"),
+])
+def test_a_malformed_file_names_the_place(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
+
+
+def test_train_reports_a_malformed_file_without_a_traceback(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: [3\n")
+    proc = subprocess.run([sys.executable, "-m", "titans_pretrain", "train", str(path)], capture_output=True,
+                          text=True, timeout=120, cwd=CONFIGS.parent, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"config error: {path}: not valid YAML at line 3 column 1:"), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_layout_arithmetic_and_impossible_combinations():

@@ -35,6 +35,9 @@ class DataConfig:
     prepare_workers: int = 1
     corpus_bytes: Optional[int] = None  # cap on the embedded default corpus; None = its default
     val_fraction: float = 0.02  # share of documents held out for validation when preparing
+    # a missing, truncated or corrupt shard: "error" stops naming it; "skip" leaves it out (or masks
+    # its samples when found while reading) and logs which, so a long run survives one bad file
+    on_corrupt: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -294,8 +297,27 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _read_yaml(p)
     return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def _read_yaml(path: Path) -> dict:
+    """The file's mapping of sections; a parser error or another top level is a ConfigError."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the file (see configs/ "
+                          "for examples)") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        kind = {list: "a list", str: "a string"}.get(type(raw), f"a {type(raw).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...), "
+                          f"got {kind}")
+    return raw
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -311,6 +333,9 @@ def _positive(value: int | float, key: str, zero_ok: bool = False) -> None:
 def validate(cfg: RunConfig) -> None:
     """Checks that need one config only (no world size). See `resolve_layout` for the rest."""
     t, o, p, c, d = cfg.train, cfg.optim, cfg.parallel, cfg.checkpoint, cfg.data
+    if not cfg.run_dir.strip():
+        raise ConfigError("run_dir is empty: it would train into the current directory; set "
+                          "run_dir=runs/NAME (the folder for config.yaml, metrics.jsonl, checkpoints/)")
     _positive(t.steps, "train.steps")
     _positive(t.micro_batch_size, "train.micro_batch_size")
     _positive(t.stop_at, "train.stop_at", zero_ok=True)

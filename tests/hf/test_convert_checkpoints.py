@@ -114,7 +114,8 @@ def test_cli_errors_name_the_fix(run_1proc, tmp_path, capsys):
         (["convert-hf", str(run_1proc), str(tmp_path / "a"), "--tokenizer", "x.model", "--no-tokenizer"],
          "contradict"),
         (["convert-hf", str(run_1proc), str(tmp_path / "b"), "train.steps=3"], "only with --to-native"),
-        (["convert-hf", str(tmp_path / "nothing"), str(tmp_path / "c")], "is not a checkpoint"),
+        (["convert-hf", str(tmp_path / "nothing"), str(tmp_path / "c")], "does not exist"),
+        (["convert-hf", str(tmp_path), str(tmp_path / "c")], "is not a checkpoint"),
         (["convert-hf", "--to-native", str(hf), str(tmp_path / "d"), "model.d_model=64"], "model.* overrides"),
         (["convert-hf", "--to-native", str(tmp_path / "nothing"), str(tmp_path / "e")], "no config.json"),
     ]

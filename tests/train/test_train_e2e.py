@@ -77,6 +77,15 @@ def test_resume_names_the_model_keys_it_changes(tmp_path, data_dir):
     assert "resumed from" in out
 
 
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path, data_dir):
+    train(tmp_path, data_dir, "train.stop_at=3")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 6.1, "l')  # the last write of a run killed mid-line
+    out = train(tmp_path, data_dir, "train.stop_at=5").stdout
+    assert "dropped 1 unreadable line(s)" in out and "resumed from" in out
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]  # every line parses, every step once
+
+
 def test_sigkill_during_save_resumes_from_previous(run_a, tmp_path, data_dir):
     proc = train(tmp_path, data_dir, faults={"kill_in_save_at": 8}, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]

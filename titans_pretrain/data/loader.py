@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,12 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the workers too (one process group); the trainer stops on it
+    and saves, which needs them alive, and it ends them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _shard_problem(path: Path, shard: ShardInfo) -> str | None:
@@ -200,7 +207,7 @@ class ShardLoader:
                 self.skipped_shards.append(shard.file)
             else:
                 raise ShardError(f"shard {self.manifest.root / shard.file} {problem}; re-run "
-                                 f"`prepare`, or pass on_corrupt='skip' to leave it out")
+                                 f"`prepare`, or set data.on_corrupt=skip to leave it out")
         sizes = [s.samples for s in self._shards]
         offsets = [0] + list(itertools.accumulate(sizes))[:-1]
         self.samples = sum(sizes)
@@ -241,7 +248,8 @@ class ShardLoader:
             batches = iter(dataset)
         else:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                      multiprocessing_context=worker_context()))
+                                      multiprocessing_context=worker_context(),
+                                      worker_init_fn=_ignore_interrupts))
         for batch in batches:
             if self.on_corrupt == "skip":
                 self.masked_samples += int((batch["labels"] == IGNORE_INDEX).all(dim=1).sum())

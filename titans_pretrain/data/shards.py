@@ -106,10 +106,10 @@ def read_shard(path: Path, *, sample_len: int, dtype: np.dtype, expected_samples
         data = path.read_bytes()
     except OSError as exc:
         raise ShardError(f"shard {path} cannot be read ({exc.strerror or exc}); re-run `prepare` "
-                         f"or use on_corrupt='skip'") from exc
+                         f"or set data.on_corrupt=skip to go on without it") from exc
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ShardError(f"shard {path} is corrupt: its sha256 differs from manifest.json; "
-                         f"re-run `prepare` or use on_corrupt='skip'")
+                         f"re-run `prepare` or set data.on_corrupt=skip to go on without it")
     out = np.empty((expected_samples, sample_len), dtype=dtype)
     count = 0
     try:
@@ -126,7 +126,7 @@ def read_shard(path: Path, *, sample_len: int, dtype: np.dtype, expected_samples
                 count += 1
     except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
         raise ShardError(f"shard {path} is corrupt ({type(exc).__name__}: {exc}); re-run "
-                         f"`prepare` or use on_corrupt='skip'") from exc
+                         f"`prepare` or set data.on_corrupt=skip to go on without it") from exc
     if count != expected_samples:
         raise ShardError(f"shard {path} holds {count} samples, manifest.json says "
                          f"{expected_samples}; re-run `prepare`")

@@ -22,7 +22,8 @@ from torch import nn
 from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.train.engine import StepResult, mean_over_dp, use_bf16
-from titans_pretrain.train.optim import build_optimizer, build_scheduler
+from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
+                                         restore_schedule)
 
 TAG = "ds"
 
@@ -103,6 +104,7 @@ class DeepSpeedEngine:
         self.cfg, self.dims, self.device = cfg, dims, device
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self._settings = optimizer_settings(self.scheduler.optimizer)  # this run's, kept on resume
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg, dims, device))
         self.model = self.engine
@@ -110,6 +112,10 @@ class DeepSpeedEngine:
     @property
     def module(self) -> nn.Module:
         return self.engine.module
+
+    def named_parameters(self):
+        """(name, parameter) of the model; under ZeRO-3 each holds its partition in `ds_tensor`."""
+        return self.engine.module.named_parameters()
 
     @property
     def lr(self) -> float:
@@ -170,7 +176,7 @@ class DeepSpeedEngine:
         return self.scheduler.state_dict()
 
     def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
+        restore_schedule(self.scheduler, state, self._settings)
 
 
 def load_fp32_model_state(folder: Path) -> dict:

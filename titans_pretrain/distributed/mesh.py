@@ -106,7 +106,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800) -> torch.de
     timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
-    else:  # a plain single process
+    else:  # a plain single process: local rank 0, as a launcher would say (DeepSpeed asserts on it)
+        os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1, timeout=timeout)
     return device

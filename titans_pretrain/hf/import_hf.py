@@ -141,7 +141,9 @@ def write_start_checkpoint(model, cfg, run_dir: str | Path, *, source: str, log=
             "time": time.time(), "imported_from": source}
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    manager = ckpt.CheckpointManager(root, cfg.checkpoint, log=log)
+    run_id = ckpt.new_run_id()  # the run that `train` continues: its checkpoints carry this id
+    ckpt.write_run_id(run_dir, run_id)
+    manager = ckpt.CheckpointManager(root, cfg.checkpoint, log=log, run_id=run_id)
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes

@@ -4,26 +4,33 @@ Layout of `run_dir/checkpoints/`:
 
     step_00000100/          a complete checkpoint (never written in place)
         .metadata, *.distcp     DCP shards of {"model", "optim"} (native engine), or DeepSpeed's files
-        extra/rank_00000.pt     per-rank state: loader, RNGs, scheduler, trainer counters
-        trainer.json            step, tokens, world/dp sizes, engine
+        extra/rank_00000.json   per-rank state: loader, RNGs, scheduler, trainer counters (JSON,
+                                no pickle; older `rank_*.pt` files load with `weights_only=True`)
+        trainer.json            step, tokens, world/dp sizes, engine, the run's id
         config.yaml             the run config (so the checkpoint alone rebuilds the model)
         MANIFEST.json           written last: every file with its size and CRC32
-    step_00000200.tmp/      a save in progress (or killed mid-way): ignored, removed by the next save
+    step_00000200.tmp/      a save in progress (or killed mid-way): ignored, removed at the next start
     latest                  text file naming the newest complete checkpoint, updated last
 
 A checkpoint is complete iff MANIFEST.json exists and every file matches it. Saving writes into
 `*.tmp`, writes the manifest, renames the folder, then updates `latest`, then prunes; so a crash at
 any moment leaves the previous complete checkpoint untouched, and nothing is deleted before a newer
-checkpoint is complete. Resume walks from the newest folder down and takes the first that verifies,
-reporting the ones it skips.
+checkpoint is complete. Pruning counts only verified checkpoints of this run (``run.json`` in the run
+folder names it; a checkpoint records it in ``trainer.json``) and never the one just saved, so
+neither a corrupt folder nor another run's outranks a new save. Resume walks from the newest folder
+down and takes the first that verifies, reporting the ones it skips; every reader
+(:func:`resolve_checkpoint_path`) does the same with CRC32 checks by default.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
+import uuid
 import warnings
 import zlib
 from pathlib import Path
@@ -32,20 +39,51 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_pretrain.config import CheckpointConfig
 
 MANIFEST = "MANIFEST.json"
+RUN_FILE = "run.json"  # in the run folder: the run's identity
+STEP_PREFIX = "step_"
 
 
 class ResumeError(RuntimeError):
-    """A checkpoint exists but cannot continue this run (engine, layout or data stream differ)."""
+    """A checkpoint exists but cannot continue this run (engine, layout, data stream or the run
+    folder's history differ)."""
 
-STEP_PREFIX = "step_"
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (disk full, quota, I/O): the previous checkpoint is untouched."""
+
+
+class CorruptCheckpointError(FileNotFoundError):
+    """A named checkpoint fails verification."""
 
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name[len(STEP_PREFIX):])
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def write_run_id(run_dir: str | Path, run_id: str) -> None:
+    path = Path(run_dir) / RUN_FILE
+    if read_run_id(run_dir) != run_id:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
+        os.replace(tmp, path)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _crc32(path: Path) -> str:
@@ -100,6 +138,41 @@ def verify_checkpoint(folder: str | Path, mode: str = "hash") -> str | None:
             return f"{rel} has {p.stat().st_size} bytes, expected {info['size']} (truncated?)"
         if mode == "hash" and _crc32(p) != info["crc32"]:
             return f"{rel} fails its CRC32 check (corrupt)"
+    return check_metadata(folder)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle that torch reads with plain `pickle.load`. It only ever
+    names DCP's metadata classes, torch sizes, dtypes and layouts, and paths; anything else (a
+    callable such as `os.system`) means the file was crafted, and is refused before torch reads it."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+
+    def find_class(self, module: str, name: str):
+        allowed = (module in self._MODULES and not name.startswith("__")
+                   or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                         ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                                         ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                                         ("collections", "OrderedDict"), ("builtins", "set"),
+                                         ("builtins", "frozenset"), ("builtins", "slice")}
+                   or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which DCP metadata never "
+                                         "holds (a crafted file?)")
+        return super().find_class(module, name)
+
+
+def check_metadata(folder: Path) -> str | None:
+    """None when the folder's DCP `.metadata` (if any) holds only what DCP writes, else why not."""
+    path = folder / ".metadata"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as exc:  # noqa: BLE001 - any failure means torch must not read it
+        return f".metadata refused: {exc}"
     return None
 
 
@@ -123,16 +196,30 @@ def find_latest_complete(root: str | Path, mode: str = "hash", log: Callable[[st
     return None
 
 
-def resolve_checkpoint_path(path: str | Path, mode: str = "size") -> Path:
-    """A step folder, a `checkpoints/` folder or a run folder -> the checkpoint folder to read."""
+def resolve_checkpoint_path(path: str | Path, mode: str = "hash",
+                            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """A step folder, a `checkpoints/` folder or a run folder -> the checkpoint folder to read.
+
+    Verified (CRC32 of every file by default): a named step folder that fails is an error naming
+    the newest intact one beside it; from a run or `checkpoints/` folder the newest intact one is
+    taken, and each newer one skipped is reported through `log`."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a run folder, its checkpoints/ folder "
+                                "or a step folder (RUN/checkpoints/step_N)")
     if (path / MANIFEST).is_file() or (path / "trainer.json").is_file():
+        reason = verify_checkpoint(path, mode)
+        if reason is not None:
+            intact = find_latest_complete(path.parent, mode, log=lambda m: None)
+            alt = f"; the newest intact checkpoint beside it is {intact}" if intact else ""
+            raise CorruptCheckpointError(f"{path}: {reason}{alt}")
         return path
     for root in (path, path / "checkpoints"):
         if list_checkpoints(root):
-            found = find_latest_complete(root, mode, log=lambda m: print(m, file=sys.stderr))
+            found = find_latest_complete(root, mode, log=log)
             if found is None:
-                raise FileNotFoundError(f"no complete checkpoint under {root}")
+                raise CorruptCheckpointError(f"no intact checkpoint under {root}: every one fails "
+                                             "verification (see the lines above)")
             return found
     raise FileNotFoundError(f"{path} is not a checkpoint, a checkpoints/ folder or a run folder")
 
@@ -153,6 +240,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _rng_to_json(state: dict) -> dict:
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    out = {"python": [version, list(internal), gauss],
+           "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+           "torch": state["torch"].tolist()}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"].tolist()
+    return out
+
+
+def _rng_from_json(state: dict) -> dict:
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    out = {"python": (version, tuple(internal), gauss),
+           "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+           "torch": torch.tensor(state["torch"], dtype=torch.uint8)}
+    if "cuda" in state:
+        out["cuda"] = torch.tensor(state["cuda"], dtype=torch.uint8)
+    return out
+
+
+def write_extra(folder: Path, rank: int, extra: dict) -> None:
+    """This rank's state (loader, RNGs, scheduler, counters) as JSON: no pickle, exact floats."""
+    state = dict(extra, rng=_rng_to_json(extra["rng"])) if "rng" in extra else extra
+    (folder / "extra" / f"rank_{rank:05d}.json").write_text(json.dumps(state))
+
+
+def _load_legacy_extra(path: Path) -> dict:
+    """A `rank_*.pt` of older checkpoints, read with `weights_only=True`: besides tensors and
+    containers it holds only numpy's RNG key array, whose three classes are allowed here."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
+
+
 # ------------------------------------------------------------------------------------------ manager
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -164,50 +288,113 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    """Engine-agnostic atomic save/prune/resume; the engine supplies `write(tmp_dir)`."""
+    """Engine-agnostic atomic save/prune/resume; the engine supplies `write(tmp_dir)`.
 
-    def __init__(self, root: str | Path, cfg: CheckpointConfig, log: Callable[[str], None] = print):
+    `run_id` is this run's identity: it goes into every checkpoint it saves, and pruning counts
+    only checkpoints carrying it (or none: checkpoints written before runs had one)."""
+
+    def __init__(self, root: str | Path, cfg: CheckpointConfig, log: Callable[[str], None] = print,
+                 run_id: str | None = None):
         self.root = Path(root)
         self.cfg = cfg
         self.log = log
+        self.run_id = run_id
         self._pending: dict | None = None
+        self._verified: dict[str, tuple[int, str | None]] = {}  # name -> (manifest mtime, reason)
 
     # ---------------------------------------------------------------- save
     def save(self, step: int, write: Callable[[Path], Any], extra: dict, meta: dict,
              config_text: str) -> None:
-        """Collective. `write(tmp)` writes the engine's shards (may return a future for async)."""
+        """Collective. `write(tmp)` writes the engine's shards (may return a future for async).
+
+        A failed write (disk full, quota, I/O error on any rank) removes the unfinished folder and
+        raises :class:`CheckpointSaveError` on every rank; the previous checkpoint is untouched."""
         self.wait()  # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"{STEP_PREFIX}*.tmp"):  # leftovers of killed saves
-                shutil.rmtree(stale, ignore_errors=True)
+            self.remove_unfinished()
             (tmp / "extra").mkdir(parents=True)
         _barrier()
-        future = write(tmp)
-        torch.save(extra, tmp / "extra" / f"rank_{_rank():05d}.pt")
-        if _rank() == 0:
-            (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-            (tmp / "config.yaml").write_text(config_text)
+        error, future = None, None
+        try:
+            future = write(tmp)
+            write_extra(tmp, _rank(), extra)
+            if _rank() == 0:
+                (tmp / "trainer.json").write_text(json.dumps(dict(meta, run_id=self.run_id), indent=1))
+                (tmp / "config.yaml").write_text(config_text)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - every rank hears of it
+            error = exc
+        self._agree_or_raise(error, tmp, step)
         self._pending = {"future": future, "tmp": tmp, "final": final, "step": step}
         if future is None or not self.cfg.async_save:
             self.wait()
+
+    def _agree_or_raise(self, error: BaseException | None, tmp: Path, step: int) -> None:
+        """All ranks learn whether any rank's write failed; if one did, all raise the same error."""
+        failed = [error is not None]
+        if dist.is_initialized() and dist.get_world_size() > 1:  # objects: any backend, any device
+            failed = [None] * dist.get_world_size()
+            dist.all_gather_object(failed, error is not None)
+        if not any(failed):
+            return
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(self._save_failure(error, step)) from error
+
+    def _save_failure(self, error: BaseException | None, step: int) -> str:
+        previous = self.root / "latest"
+        kept = previous.read_text().strip() if previous.is_file() else "none yet"
+        if isinstance(error, CheckpointException):  # DCP's wrapper of each failed rank's error
+            error = next(iter(error.failures.values()))[0]
+        if error is None:
+            cause = "another rank's write failed (its log names the cause)"
+        else:
+            cause = f"{type(error).__name__}: {error}"
+            code = getattr(error, "errno", None)
+            detail = None
+            if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                detail = os.strerror(code)
+            elif "unexpected pos" in str(error):  # torch's writer after a short write
+                detail = "a short write: a full disk, a quota or a file-size limit"
+            if detail is not None:
+                free = shutil.disk_usage(self.root).free
+                cause = (f"the filesystem refused the write ({detail}; {free / 2**30:.2f} GiB free "
+                         f"under {self.root})")
+        return (f"saving the checkpoint of step {step} failed: {cause}. The unfinished folder was "
+                f"removed; the newest checkpoint ({kept}) is intact. Free space (or lower "
+                "checkpoint.keep_last) and run again: it resumes from there")
+
+    def remove_unfinished(self) -> None:
+        """Rank 0: remove `*.tmp` folders of saves that were killed (they hold disk space)."""
+        for stale in self.root.glob(f"{STEP_PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def wait(self) -> None:
         """Finish the pending save: manifest, rename, `latest`, prune (collective)."""
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
-        if pending["future"] is not None and hasattr(pending["future"], "result"):
-            pending["future"].result()
+        error = None
+        try:
+            if pending["future"] is not None and hasattr(pending["future"], "result"):
+                pending["future"].result()
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001
+            error = exc
+        self._agree_or_raise(error, pending["tmp"], pending["step"])
         _barrier()
         if _rank() == 0:
             self._finalize(pending["tmp"], pending["final"], pending["step"])
         _barrier()
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
-        write_manifest(tmp)
+        try:
+            write_manifest(tmp)
+        except OSError as exc:  # rank 0 alone here: the others wait at the barrier after
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSaveError(self._save_failure(exc, step)) from exc
         if final.exists():  # a re-save of the same step (resumed at the end): replace atomically
             old = final.with_name(final.name + ".old.tmp")
             os.rename(final, old)
@@ -216,46 +403,100 @@ class CheckpointManager:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
+        self._verified[final.name] = ((final / MANIFEST).stat().st_mtime_ns, None)  # its CRCs are fresh
         latest_tmp = self.root / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, self.root / "latest")
         _fsync_dir(self.root)
         self.log(f"[checkpoint] saved {final}")
-        self.prune()
+        self.prune(keep=final)
 
-    def prune(self) -> None:
-        """Keep the newest `keep_last` plus every `keep_every`-th; only complete ones count."""
-        complete = [p for p in list_checkpoints(self.root) if (p / MANIFEST).is_file()]
-        keep = set(complete[: self.cfg.keep_last])
-        for p in complete[self.cfg.keep_last:]:
-            step = int(p.name[len(STEP_PREFIX):])
-            if self.cfg.keep_every and step % self.cfg.keep_every == 0:
+    def _verify_once(self, folder: Path) -> str | None:
+        """`verify_checkpoint`, remembered per folder (until its manifest changes)."""
+        manifest = folder / MANIFEST
+        mtime = manifest.stat().st_mtime_ns if manifest.is_file() else -1
+        cached = self._verified.get(folder.name)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, verify_checkpoint(folder, self.cfg.verify))
+            self._verified[folder.name] = cached
+        return cached[1]
+
+    def _is_ours(self, folder: Path) -> bool:
+        try:
+            run_id = read_meta(folder).get("run_id")
+        except (OSError, ValueError):
+            return False
+        return run_id is None or run_id == self.run_id
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Keep the newest `keep_last` verified checkpoints of this run plus every `keep_every`-th,
+        and always `keep` (the one just saved). Corrupt folders and other runs' are not counted
+        and not touched: they never push a good checkpoint out."""
+        counted = []
+        for p in list_checkpoints(self.root):
+            if p == keep:
+                counted.append(p)
+            elif not self._is_ours(p):
                 continue
-            if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+            elif (reason := self._verify_once(p)) is None:
+                counted.append(p)
+            else:
+                self.log(f"[checkpoint] prune: not counting {p.name} ({reason}); left in place")
+        for p in counted[self.cfg.keep_last:]:
+            if p == keep or (self.cfg.keep_every and step_of(p) % self.cfg.keep_every == 0):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
 
     # ---------------------------------------------------------------- resume
     def find_resume(self) -> Path | None:
-        """Same answer on every rank: rank 0 decides, then broadcasts."""
+        """The checkpoint this run continues from, or None to start afresh. Same answer on every
+        rank (rank 0 decides, then broadcasts); a run folder whose history the choice would mix
+        raises :class:`ResumeError` on every rank."""
         choice: list = [None]
         if _rank() == 0:
-            resume = self.cfg.resume
-            if resume == "none":
-                choice[0] = None
-            elif resume == "auto":
-                found = find_latest_complete(self.root, self.cfg.verify, self.log)
+            try:
+                found = self._choose_resume()
                 choice[0] = str(found) if found else None
-            else:
-                reason = verify_checkpoint(resume, self.cfg.verify)
-                if reason is not None:
-                    choice[0] = ("error", f"checkpoint.resume={resume}: {reason}")
-                else:
-                    choice[0] = resume
+            except ResumeError as exc:
+                choice[0] = ("error", str(exc))
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
         if isinstance(choice[0], (tuple, list)):
             raise ResumeError(choice[0][1])
         return Path(choice[0]) if choice[0] else None
+
+    def _choose_resume(self) -> Path | None:
+        existing = list_checkpoints(self.root)
+        resume = self.cfg.resume
+        if resume == "none":
+            if existing:
+                raise ResumeError(
+                    f"checkpoint.resume=none, but {self.root} already holds checkpoints (newest "
+                    f"{existing[0].name}): a second run there would prune and resume the first "
+                    "one's saves. Use a new run_dir, continue this run (checkpoint.resume=auto), or "
+                    f"move {self.root} away")
+            return None
+        if resume == "auto":
+            found = find_latest_complete(self.root, self.cfg.verify, self.log)
+            if found is None and existing:
+                raise ResumeError(
+                    f"none of the {len(existing)} checkpoint(s) under {self.root} is intact (see "
+                    "above): starting at step 0 beside them would mix two runs. Restore them, move "
+                    "them away to start afresh, or name one with checkpoint.resume=FOLDER")
+            return found
+        try:
+            folder = resolve_checkpoint_path(resume, self.cfg.verify, log=self.log)
+        except FileNotFoundError as exc:
+            raise ResumeError(f"checkpoint.resume={resume}: {exc}. It takes auto, none, or a "
+                              "checkpoint (a step folder, or a run folder for its newest)") from None
+        newer = [p.name for p in existing if step_of(p) > read_meta(folder)["step"]]
+        if newer:
+            raise ResumeError(
+                f"checkpoint.resume={folder} goes back to step {read_meta(folder)['step']}, but "
+                f"{self.root} holds later checkpoints ({', '.join(newer)}): training on here would "
+                "leave two histories in one folder, and the later ones would win the next resume. "
+                "Move the later ones away (a rollback), or resume into a new run_dir")
+        return folder
 
 
 def read_meta(folder: Path) -> dict:
@@ -263,8 +504,17 @@ def read_meta(folder: Path) -> dict:
 
 
 def load_extras(folder: Path) -> list[dict]:
-    files = sorted((folder / "extra").glob("rank_*.pt"))
-    return [torch.load(f, weights_only=False) for f in files]
+    """Every rank's extra state, in rank order (JSON, or an older checkpoint's `rank_*.pt`)."""
+    found = sorted((folder / "extra").glob("rank_*.json"))
+    if found:
+        out = []
+        for f in found:
+            state = json.loads(f.read_text())
+            if "rng" in state:
+                state["rng"] = _rng_from_json(state["rng"])
+            out.append(state)
+        return out
+    return [_load_legacy_extra(f) for f in sorted((folder / "extra").glob("rank_*.pt"))]
 
 
 # ------------------------------------------------------------------------------------------ one process

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch.distributed as dist
 
-from titans_pretrain.config import RunConfig
+from titans_pretrain.config import ConfigError, RunConfig
 
 
 def ensure_dataset(cfg: RunConfig, log=print):
@@ -15,6 +15,11 @@ def ensure_dataset(cfg: RunConfig, log=print):
     from titans_pretrain.data.manifest import check_compatible, load_manifest
 
     path = Path(cfg.data.path)
+    given = cfg.data.tokenizer  # checked on every rank, before rank 0 prepares and the rest wait
+    if given and not (path / "manifest.json").is_file() and not Path(given).is_file():
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} does not exist (needed to prepare "
+                          f"{path}): give an existing sentencepiece .model file, or drop "
+                          "data.tokenizer to train one")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and not (path / "manifest.json").is_file():
         from titans_pretrain.data.prepare import prepare_dataset
@@ -32,7 +37,12 @@ def ensure_dataset(cfg: RunConfig, log=print):
     try:
         check_compatible(manifest, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len)
     except ValueError as exc:
-        raise ValueError(f"data.path={path}: {exc}") from exc
+        raise ConfigError(f"data.path={path}: {exc}") from None
+    if cfg.train.sample_tokens and not manifest.tokenizer_path.is_file():
+        raise ConfigError(f"data.path={path}: the dataset's tokenizer {manifest.tokenizer_path} is "
+                          "missing, and the sample at the end of training (train.sample_tokens="
+                          f"{cfg.train.sample_tokens}) decodes with it: restore the file (re-run "
+                          "`prepare`) or set train.sample_tokens=0")
     return manifest
 
 
@@ -40,7 +50,8 @@ def make_loader(manifest, cfg: RunConfig, split: str, dp_rank: int, dp_size: int
     from titans_pretrain.data.loader import ShardLoader
 
     return ShardLoader(manifest, split=split, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
-                       dp_size=dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers)
+                       dp_size=dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                       on_corrupt=cfg.data.on_corrupt)
 
 
 def forever(loader) -> Iterator[dict]:

@@ -23,7 +23,8 @@ from titans_pretrain.distributed.context_parallel import ContextParallel
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
 from titans_pretrain.distributed.tensor_parallel import loss_context
-from titans_pretrain.train.optim import build_optimizer, build_scheduler
+from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
+                                         restore_schedule)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class NativeEngine:
             self.model = parallelize(model, dims, cfg.parallel, self.cp, device=device)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self._settings = optimizer_settings(self.scheduler.optimizer)  # this run's, kept on resume
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property
@@ -199,7 +201,7 @@ class NativeEngine:
         return self.scheduler.state_dict()
 
     def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
+        restore_schedule(self.scheduler, state, self._settings)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:

@@ -48,8 +48,36 @@ class ConsoleLogger:
         pass
 
 
+def drop_torn_tail(path: Path, block: int = 1 << 16) -> int:
+    """Cut a last line that lacks its newline (a writer killed mid-line) so that the next line
+    starts on a line of its own and the file parses; returns the bytes cut."""
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, 2)
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start)
+            if end == size and chunk.endswith(b"\n"):
+                return 0
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        else:
+            keep = 0
+        f.truncate(keep)
+    return size - keep
+
+
 class JsonlLogger:
     def __init__(self, path: Path):
+        torn = drop_torn_tail(path)
+        if torn:
+            print(f"[metrics] dropped the torn last line of {path} ({torn} bytes, a run killed mid-write)",
+                  flush=True)
         self.f = open(path, "a", buffering=1)
 
     def log(self, m: dict[str, Any]) -> None:

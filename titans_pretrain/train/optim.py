@@ -73,3 +73,26 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters (lr, betas, eps, weight decay, ...), not its params."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def restore_schedule(scheduler, state: dict, settings: list[dict]) -> None:
+    """Continue a resumed schedule at the checkpoint's step with this run's settings.
+
+    Loading an optimizer brings back the checkpoint's group hyperparameters and loading a
+    scheduler its base lrs, so a changed ``optim.lr``, schedule, ``train.steps`` or weight decay
+    would be silently ignored. Here only the step count comes from `state`; `settings` (taken
+    from the freshly built optimizer) and this run's lr lambda decide the rest. With an unchanged
+    config the result is the checkpoint's, bit for bit (the same ``base * factor(step)``)."""
+    groups = scheduler.optimizer.param_groups
+    for group, fresh in zip(groups, settings):
+        group.update(fresh)
+    scheduler.last_epoch, scheduler._step_count = state["last_epoch"], state["_step_count"]
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

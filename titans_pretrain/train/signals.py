@@ -1,9 +1,15 @@
-"""Preemption signals: SIGTERM / SIGUSR1 ask the job to stop; all ranks agree at a step boundary,
-save a checkpoint and exit with `EXIT_PREEMPTED`.
+"""Stop signals: SIGTERM / SIGUSR1 (schedulers) and SIGINT (Ctrl-C) ask the job to stop; all ranks
+agree at a step boundary, save a checkpoint and exit with `EXIT_PREEMPTED`.
 
 The handler only sets a flag (nothing unsafe happens inside a signal handler). At every step
 boundary the ranks all-reduce the flag with MAX, so a signal delivered to any one rank (Slurm often
 signals only some) stops all of them at the same step, and no rank is left waiting in a collective.
+
+A second Ctrl-C does not abort: the flag is idempotent, because under `--nproc` a rank receives a
+terminal's Ctrl-C twice (directly, as a member of the terminal's process group, and forwarded by
+the launcher), and the second copy must not turn a save into an abort. To abort without saving,
+send SIGQUIT (Ctrl-\\) or SIGKILL. A Ctrl-C before training starts (data preparation, model build)
+is not held: there is nothing to save yet, so it interrupts at once.
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ EXIT_PREEMPTED = 75
 # Exit status when training aborts on repeated non-finite losses/gradients.
 EXIT_DIVERGED = 3
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# The scheduler's signals, held from start-up on by `catch_early` (SIGINT is not: see above).
+EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # The last stop signal this process received (None: none yet). The Slurm launcher reads it after
 # `train` returns EXIT_PREEMPTED: SIGUSR1 is the time-limit warning (the job requeues itself),
@@ -26,7 +34,7 @@ last_received: int | None = None
 _early: int | None = None
 
 
-def catch_early(signals=STOP_SIGNALS) -> None:
+def catch_early(signals=EARLY_SIGNALS) -> None:
     """Record stop signals from now until a StopRequest takes over. For launchers: Slurm may send
     the time-limit or preemption signal while the ranks still import torch, and SIGUSR1's default
     action would kill the process before any checkpoint; this way the trainer stops (and saves) at

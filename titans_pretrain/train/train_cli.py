@@ -3,8 +3,9 @@
 Three ways to start, one code path: under `torchrun`/`srun` every process runs this with the
 launcher's environment; with `--nproc N` this process becomes a small launcher that starts N local
 ranks (each a fresh `python -m titans_pretrain train ...`), forwards SIGTERM/SIGUSR1/SIGINT to them,
-stops the rest when one fails, and returns their exit code (0, 75 = preempted after a save, 3 =
-diverged, otherwise an error).
+stops the rest when one fails, and returns their exit code (0, 75 = stopped by a signal after a
+save, 3 = diverged, 130 = interrupted before training started, otherwise an error). The ranks die
+with the launcher if it is killed (`launcher_watch`).
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def launch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
     """Run `python -m titans_pretrain train <argv>` as `nproc` ranks on this machine."""
     from titans_pretrain.distributed.mesh import free_port
+    from titans_pretrain.train.launcher_watch import LAUNCHER_PID_ENV
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks die with this process (launcher_watch)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     procs = []
     for rank in range(nproc):
@@ -85,6 +88,17 @@ def _split_nproc(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from titans_pretrain.train import launcher_watch
+
+    launcher_watch.die_with_launcher()
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # from the training loop on, Ctrl-C saves instead (train/signals.py)
+        print("interrupted before training started: nothing to save yet", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from titans_pretrain.train import signals
 
     try:

@@ -17,15 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 
 from titans_pretrain.config import RunConfig, resolve_layout, save_config
+from titans_pretrain.data.shards import ShardError
 from titans_pretrain.distributed.mesh import build_mesh, init_distributed
 from titans_pretrain.train import checkpoint as ckpt
 from titans_pretrain.train.data import ensure_dataset, forever, make_loader
 from titans_pretrain.train.flops import device_peak_flops, flops_per_token, mfu
 from titans_pretrain.train.loggers import MetricLoggers, Throughput
 from titans_pretrain.train.memory_monitor import MemoryMonitors
+from titans_pretrain.train.resume_rules import (FIXED_ON_RESUME, config_changes,
+                                                parameter_differences)
+from titans_pretrain.train.run_lock import RunLock, RunLockError
 from titans_pretrain.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, StopRequest
 
 
@@ -56,7 +61,7 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, run_lock: RunLock | None = None):
         self.cfg = cfg
         self.device = init_distributed(cfg.parallel.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -65,21 +70,54 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.is_main = self.rank == 0
         set_deterministic(cfg.train.deterministic)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        dist.barrier()
+        self.run_lock = run_lock or RunLock(self.run_dir)  # rank 0 takes it in _claim_run_dir
+        self._claim_run_dir()
         self.manifest = ensure_dataset(cfg, log=self.log)
-        self.engine = self._build_engine()
-        self.memory = MemoryMonitors(self.engine.module, cfg.model.n_layers, self.device)
         self.loader = make_loader(self.manifest, cfg, "train", self.dims.dp_rank, self.dims.dp_size)
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, log=self.log)
+        # Everything that can refuse this run is checked before the run folder is written to.
+        self.resume_from = self.ckpt.find_resume()
+        if self.resume_from is not None:
+            self._check_resumable(self.resume_from)
+        self._record_run()
+        self.engine = self._build_engine()
+        self.memory = MemoryMonitors(self.engine.module, cfg.model.n_layers, self.device)
         self.progress = Progress()
         self.tokens_per_step = self.layout.global_batch_seqs * cfg.data.seq_len
 
     def log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks the run folder; its refusal reaches every rank (a broadcast instead of a
+        bare barrier), so no rank waits for a rank 0 that gave up."""
+        refusal = [None]
+        if self.is_main:
+            try:
+                self.run_lock.acquire()
+            except RunLockError as exc:
+                refusal = [str(exc)]
+        if self.world > 1:
+            dist.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise RunLockError(refusal[0])
+
+    def _record_run(self) -> None:
+        """Rank 0 writes config.yaml and the run's identity (`run.json`: kept across resumes,
+        new in a fresh folder) and removes saves that were killed mid-way; every rank learns the id."""
+        run_id = [None]
+        if self.is_main:
+            adopted = None
+            if self.resume_from is not None and self.resume_from.parent.resolve() == self.ckpt.root.resolve():
+                adopted = ckpt.read_meta(self.resume_from).get("run_id")
+            run_id[0] = ckpt.read_run_id(self.run_dir) or adopted or ckpt.new_run_id()
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            ckpt.write_run_id(self.run_dir, run_id[0])
+            self.ckpt.remove_unfinished()
+        if self.world > 1:
+            dist.broadcast_object_list(run_id, src=0)
+        self.ckpt.run_id = run_id[0]
 
     # ------------------------------------------------------------------ build
     def _build_engine(self):
@@ -110,7 +148,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
+        """A checkpoint of the current step, unless the state is suspect: never after a
+        non-finite step, never with non-finite weights (the last good checkpoint stays `latest`)."""
         p = self.progress
+        if p.bad_in_a_row or not self._weights_finite():
+            self.log(f"[checkpoint] step {p.step}: not saved, "
+                     + ("the last step was non-finite" if p.bad_in_a_row else "the weights are not finite")
+                     + "; the newest good checkpoint stays latest")
+            return
         extra = {"rank": self.rank, "dp_rank": self.dims.dp_rank, "dp_size": self.dims.dp_size,
                  "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
                  "scheduler": self.engine.scheduler_state(), "step": p.step, "tokens": p.tokens,
@@ -122,25 +167,47 @@ class Trainer:
         async_save = self.cfg.checkpoint.async_save
         self.ckpt.save(p.step, lambda tmp: self.engine.save(tmp, async_save=async_save), extra, meta, text)
 
+    def _weights_finite(self) -> bool:
+        """Every rank's shard of every parameter is finite (agreed over all ranks)."""
+        ok = torch.ones((), device=self.device)
+        with torch.no_grad():
+            for _, param in self.engine.named_parameters():
+                local = getattr(param, "ds_tensor", None)  # a ZeRO-3 partition
+                if local is None:
+                    local = param.to_local() if hasattr(param, "to_local") else param
+                if local.numel() and not bool(torch.isfinite(local).all()):
+                    ok.zero_()
+                    break
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def resume(self) -> None:
-        folder = self.ckpt.find_resume()
+        """Load the checkpoint chosen (and checked) at start: weights, optimizer, data stream,
+        RNGs, counters; the schedule and optimizer settings are this run's."""
+        folder = self.resume_from
         if folder is None:
+            if self.is_main:  # a run that died before its first checkpoint: its lines are redone
+                self._truncate_metrics(0)
             return
         meta = ckpt.read_meta(folder)
-        if meta.get("engine") != self.engine.name:
-            raise ckpt.ResumeError(f"{folder} was written by the {meta.get('engine')} engine; this run uses "
-                               f"parallel.engine={self.engine.name}. Resume with the same engine, or "
-                               "start a new run_dir (load_checkpoint() reads either)")
-        if self.engine.name == "deepspeed" and meta["dp_size"] != self.dims.dp_size:
-            raise ckpt.ResumeError(
-                f"{folder}: written with {meta['dp_size']} data-parallel ranks, this run has "
-                f"{self.dims.dp_size}; a DeepSpeed ZeRO checkpoint loads only onto the size that wrote "
-                f"it: resume with {meta['dp_size']} ranks (or convert it with "
-                "deepspeed.checkpoint.ds_to_universal)")
-        self._report_model_changes(folder)
-        self.engine.load(folder)
+        unchecked = " (checkpoint.verify=size does not read the data: use hash)" \
+            if self.cfg.checkpoint.verify == "size" else ""
+        try:
+            self.engine.load(folder)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
+            inner = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
+            raise ckpt.ResumeError(f"{folder} cannot be read ({type(inner).__name__}: "
+                                   f"{str(inner).splitlines()[0]}): it is corrupt{unchecked}; move it "
+                                   "away to resume from the one before") from exc
+        if not self._weights_finite():
+            raise ckpt.ResumeError(f"{folder} holds non-finite weights: it is corrupt or was saved "
+                                   f"after a divergence{unchecked}; move it away to resume from the "
+                                   "one before")
         extras = ckpt.load_extras(folder)
-        self._pick_extra(extras, meta)
+        mine = self._pick_extra(extras, meta, self.loader)
+        if mine is not None and meta["world_size"] == self.world:
+            ckpt.set_rng_state(mine["rng"])
         self.engine.load_scheduler_state(extras[0]["scheduler"])
         p = self.progress
         p.step, p.tokens = extras[0]["step"], extras[0]["tokens"]
@@ -149,49 +216,94 @@ class Trainer:
             self._truncate_metrics(p.step)
         self.log(f"[checkpoint] resumed from {folder} at step {p.step} ({p.tokens:,} tokens)")
 
-    def _report_model_changes(self, folder: Path) -> None:
-        """Say which model keys this run sets differently from the checkpoint's config (a key the
-        checkpoint predates reads as the value it was trained with, e.g. the bare memory rule): the
-        run continues with this run's values; shapes that differ fail in the load that follows."""
-        saved = ckpt.checkpoint_config(folder).model
-        changed = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint -> {v!r} now"
-                   for k, v in vars(self.cfg.model).items() if getattr(saved, k) != v]
-        if changed:
-            self.log(f"[checkpoint] {folder.name}: this run changes {'; '.join(changed)}")
+    def _check_resumable(self, folder: Path) -> None:
+        """Config changes on resume follow one rule. What the checkpoint's state cannot follow
+        (parameter shapes, the variant, the engine, the data stream: dataset, tokenizer, sequence
+        length, batch, seed) is refused here, before anything is written, naming each difference.
+        Everything else (learning rate and schedule, optimizer settings, steps, logging, intervals,
+        the memory's clip or kernels) takes effect, and the log lists it."""
+        meta = ckpt.read_meta(folder)
+        saved = ckpt.checkpoint_config(folder)
+        changes = config_changes(saved, self.cfg)
+        refused = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key in FIXED_ON_RESUME]
+        if meta.get("engine", "native") != self.cfg.parallel.engine:
+            refused.append(f"it was written by the {meta.get('engine')} engine and this run uses "
+                           f"parallel.engine={self.cfg.parallel.engine} (load_checkpoint() reads either)")
+        shapes = parameter_differences(saved.model, self.cfg.model)
+        if shapes:
+            keys = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes
+                    if key.startswith("model.") and key not in FIXED_ON_RESUME]
+            refused.append(f"parameter shapes ({'; '.join(keys) or 'model keys'}: "
+                           f"{'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''})")
+        if self.cfg.parallel.engine == "deepspeed" and meta.get("dp_size") != self.dims.dp_size:
+            refused.append(f"data-parallel size {meta.get('dp_size')} -> {self.dims.dp_size} (a DeepSpeed "
+                           "ZeRO checkpoint loads only onto the size that wrote it; convert it with "
+                           "deepspeed.checkpoint.ds_to_universal)")
+        if not refused:
+            probe = make_loader(self.manifest, self.cfg, "train", self.dims.dp_rank, self.dims.dp_size)
+            try:
+                extras = ckpt.load_extras(folder)
+            except Exception as exc:  # noqa: BLE001 - e.g. an old pickle that weights_only refuses
+                raise ckpt.ResumeError(f"{folder}/extra cannot be read safely ({type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0]}); move the checkpoint away to "
+                                       "resume from the one before") from exc
+            try:
+                self._pick_extra(extras, meta, probe, quiet=True)
+            except ckpt.ResumeError as exc:
+                refused.append(str(exc))
+        if refused:
+            raise ckpt.ResumeError(
+                f"{folder} cannot continue with this config: {'; '.join(refused)}. Set these back to "
+                "the checkpoint's values (its config.yaml) to continue this run, or start a new run_dir")
+        allowed = [f"{key}: {old!r} in the checkpoint -> {new!r} now" for key, old, new in changes
+                   if key not in ("run_dir", "checkpoint.resume")]
+        if allowed:
+            self.log(f"[checkpoint] {folder.name}: this run changes {'; '.join(allowed)}")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop lines logged after the checkpoint (by the run that died): they are redone now."""
+        """Drop lines logged after the checkpoint (by the run that died): they are redone now. A
+        line that does not parse (the dead run was killed mid-write) is dropped too, and said."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep, torn = [], 0
+        for line in filter(str.strip, path.read_text(errors="replace").splitlines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                torn += 1
+            elif record.get("step", 0) <= step:
+                keep.append(line)
+        if torn:
+            self.log(f"[metrics] dropped {torn} unreadable line(s) of {path} (a run killed mid-write)")
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
 
-    def _pick_extra(self, extras: list[dict], meta: dict) -> dict | None:
-        """Restore this rank's loader position and RNGs; remap the loader on a new DP size."""
-        if meta["dp_size"] == self.dims.dp_size:
-            same = [e for e in extras if e["dp_rank"] == self.dims.dp_rank]
-            exact = [e for e in same if e["rank"] == self.rank] or same
-            mine = exact[0]
-            self.loader.load_state_dict(mine["loader"])
-            if meta["world_size"] == self.world:
-                ckpt.set_rng_state(mine["rng"])
-            return mine
-        state = dict(extras[0]["loader"])
-        saved_steps = self.loader.samples // (state["batch_size"] * state["dp_size"])
-        if state["step"] == saved_steps:  # the end of an epoch is the start of the next one
-            state["epoch"], state["step"] = state["epoch"] + 1, 0
-        try:  # the loader re-lays out its stream for the new size at an epoch boundary
-            self.loader.load_state_dict(state)
+    def _pick_extra(self, extras: list[dict], meta: dict, loader, quiet: bool = False) -> dict | None:
+        """Put `loader` where the checkpoint's stream stands and return this rank's extra state;
+        remap the stream on a new DP size (None: no rank's RNGs apply)."""
+        try:
+            if meta["dp_size"] == self.dims.dp_size:
+                same = [e for e in extras if e["dp_rank"] == self.dims.dp_rank]
+                mine = ([e for e in same if e["rank"] == self.rank] or same)[0]
+                loader.load_state_dict(mine["loader"])
+                return mine
+            state = dict(extras[0]["loader"])
+            saved_steps = loader.samples // (state["batch_size"] * state["dp_size"])
+            if state["step"] == saved_steps:  # the end of an epoch is the start of the next one
+                state["epoch"], state["step"] = state["epoch"] + 1, 0
+            loader.load_state_dict(state)  # re-lays out the stream for the new size at an epoch start
         except ValueError as exc:
-            raise ckpt.ResumeError(f"cannot resume the data stream on {self.dims.dp_size} data-parallel "
-                               f"ranks (checkpoint written with {meta['dp_size']}): {exc}") from exc
-        self.log(f"[checkpoint] data-parallel size {meta['dp_size']} -> {self.dims.dp_size}: model and "
-                 "optimizer resharded, data stream continues at the epoch boundary")
+            raise ckpt.ResumeError(f"the data stream cannot continue on {self.dims.dp_size} data-parallel "
+                                   f"rank(s) (checkpoint written with {meta['dp_size']}): {exc}") from exc
+        if not quiet:
+            self.log(f"[checkpoint] data-parallel size {meta['dp_size']} -> {self.dims.dp_size}: model "
+                     "and optimizer resharded, data stream continues at the epoch boundary")
         return None
+
 
     # ------------------------------------------------------------------ loop
     def validate(self) -> float | None:
@@ -323,13 +435,28 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> int:
-    """Run one training job in this process (a rank of a launched group, or alone)."""
-    trainer = Trainer(cfg)
+    """Run one training job in this process (a rank of a launched group, or alone). The run
+    folder's lock is held from the start until this returns, also when the start fails. A refusal
+    or failure that every rank reaches is printed once, by rank 0, without a traceback."""
+    lock = RunLock(cfg.run_dir)
+
+    def say(msg: str) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(msg, flush=True)
+
     try:
-        return trainer.run()
+        return Trainer(cfg, lock).run()
     except TrainingDiverged as exc:
-        print(f"error: {exc}", flush=True)
+        say(f"error: {exc}")
         return EXIT_DIVERGED
     except ckpt.ResumeError as exc:
-        print(f"error: cannot resume: {exc}", flush=True)
+        say(f"error: cannot resume: {exc}")
         return 1
+    except (RunLockError, ckpt.CheckpointSaveError) as exc:
+        say(f"error: {exc}")
+        return 1
+    except ShardError as exc:  # found by the rank that reads the shard
+        print(f"error: {exc}", flush=True)
+        return 1
+    finally:
+        lock.release()
