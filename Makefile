@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine: `make test` (and, with the training issue, `make demo`).
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,5 +1,6 @@
 """Data-path throughput: prepare (tokenize + pack + write) MB/s with 1 and 2 workers, and loader
-samples/s with 0 and 2 DataLoader workers, on the embedded default corpus.
+samples/s with 0 and 2 DataLoader workers, one rank of 4 (its slice of each global batch), a
+two-source mixture and shards served over loopback http://, on the embedded default corpus.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_data.py [--corpus-mb 8] [--batches 2000]
 
@@ -9,7 +10,10 @@ MB/s columns measure the per-byte pipeline. Prints a markdown table for bench/RE
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import itertools
+import threading
 import os
 import platform
 import tempfile
@@ -21,6 +25,11 @@ from titans_pretrain.data.loader import ShardLoader
 from titans_pretrain.data.manifest import load_manifest
 from titans_pretrain.data.prepare import prepare_dataset
 from titans_pretrain.data.tokenizer import Tokenizer
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 def main() -> None:
@@ -60,9 +69,22 @@ def main() -> None:
             seconds = time.perf_counter() - start
             rows.append((f"prepare with a given tokenizer, {workers} worker(s)",
                          f"{mb / seconds:.2f} MB/s", f"{seconds:.1f} s for {mb:.1f} MB"))
-        for workers in (0, 2):
-            loader = ShardLoader(first, batch_size=args.batch_size, dp_rank=0, dp_size=1,
-                                 num_workers=workers)
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(tmp / "first")))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        b = args.batch_size
+        cases = [(f"loader, 0 DataLoader workers, batch {b}x{args.seq_len}", first, {}),
+                 (f"loader, 2 DataLoader workers, batch {b}x{args.seq_len}", first,
+                  {"num_workers": 2}),
+                 (f"loader, rank 0 of 4, global batch {4 * b}", first,
+                  {"dp_size": 4, "global_batch": 4 * b}),
+                 ("loader, mixture of 2 sources (weights 3:1)", [first, tmp / "w1"],
+                  {"weights": [3, 1]}),
+                 ("loader, shards from loopback http:// (curl per shard)", url, {})]
+        for name, source, kw in cases:
+            kw = {"dp_rank": 0, "dp_size": 1, **kw}
+            loader = ShardLoader(source, batch_size=b, **kw)
             start = time.perf_counter()
             batches = iter(loader)
             next(batches)
@@ -70,9 +92,9 @@ def main() -> None:
             for _ in itertools.islice(batches, args.batches):
                 pass
             end = time.perf_counter()
-            rows.append((f"loader, {workers} DataLoader workers, batch {args.batch_size}x"
-                         f"{args.seq_len}", f"{args.batches * args.batch_size / (end - warm):.0f} "
-                         f"samples/s", f"first batch after {warm - start:.2f} s"))
+            rows.append((name, f"{args.batches * b / (end - warm):.0f} samples/s",
+                         f"first batch after {warm - start:.2f} s"))
+        server.shutdown()
     print(f"host: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; corpus: stdlib "
           f"{mb:.1f} MB -> {m.splits['train'].samples} train samples, vocab {m.vocab_size}")

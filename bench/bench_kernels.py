@@ -2,7 +2,7 @@
 
 Not a test. Meant for ONE call on a GPU machine (a few minutes)::
 
-    python bench/bench_kernels.py                 # the issue's layer shape, print a markdown table
+    python bench/bench_kernels.py                 # the 170M presets' layer shape, print a markdown table
     python bench/bench_kernels.py --record        # ... and append it to bench/RESULTS.md
     python bench/bench_kernels.py --T 1024 --quick
 
@@ -32,7 +32,7 @@ from titans_pretrain.models import kernels  # noqa: E402
 from titans_pretrain.models.kernels.resources import matmul_flops  # noqa: E402
 from titans_pretrain.models.memory_ops import MemoryState, init_state, memory_chunked  # noqa: E402
 
-# The issue's layer: 12 heads x 64, chunk 64, depth 2, expansion 4, B=4, T=4096.
+# The 170M presets' memory layer: 12 heads x 64, chunk 64, depth 2, expansion 4, B=4, T=4096.
 SHAPE = dict(B=4, T=4096, H=12, D=64, chunk=64, depth=2, expansion=4)
 # Dense peaks (TFLOP/s: TF32 tensor cores, bf16 tensor cores) and HBM TB/s, by device-name substring.
 PEAKS = {"H200": (494.7, 989.4, 4.8), "H100": (494.7, 989.4, 3.35), "A100": (156.0, 312.0, 2.0)}
@@ -239,7 +239,7 @@ def main() -> int:
     for name, err in checks:
         print(f"{name}: max relative error {err:.2e}", flush=True)
 
-    torch.backends.cuda.matmul.allow_tf32 = True  # the issue's timing convention (fp32 with TF32)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the timing convention: fp32 with TF32
     torch.backends.cudnn.allow_tf32 = True
     rows = []
     for case in args.cases.split(","):

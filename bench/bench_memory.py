@@ -3,7 +3,7 @@
 Not a test. Each case runs in its own subprocess (so peak memory is per case) and all cases of one
 invocation run on the same machine back to back, so their ratios are comparable. Usage::
 
-    python bench/bench_memory.py                      # the CPU shapes, print a table
+    python bench/bench_memory.py                      # the CPU reference shapes, print a table
     python bench/bench_memory.py --record             # ... and append it to bench/RESULTS.md
     python bench/bench_memory.py --cases core,tp_nm64 --repeats 5
     python bench/bench_memory.py --sweep 1024,2048,4096 --record   # fixed tokens per step
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (B, T, heads, head_dim, chunk, memory depth, expansion): the CPU shape.
+# (B, T, heads, head_dim, chunk, memory depth, expansion): the CPU reference shape.
 SHAPE = dict(B=2, T=2048, H=4, D=64, chunk=64, depth=2, expansion=4)
 MODEL = dict(d_model=256, n_layers=4, n_heads=4, vocab=4096, segment=256)
 

@@ -9,15 +9,16 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). A module that does not exist yet yields a clear error.
+# name -> (module, one-line help). Modules are imported on use, so `--help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("titans_pretrain.data.prepare_cli", "text/jsonl/parquet -> tokenizer + webdataset shards + manifest"),
     "train": ("titans_pretrain.train.train_cli", "pretrain a Titans model"),
     "convert-hf": ("titans_pretrain.hf.convert_cli", "checkpoint -> Hugging Face folder"),
     "profile": ("titans_pretrain.profile.profile_cli", "throughput report"),
     "plan": ("titans_pretrain.profile.plan", "memory per rank before launch, and what fits"),
-    "launch": ("titans_pretrain.launch_cli", "submit to Slurm through submitit"),
+    "launch": ("titans_pretrain.launch.launch_cli", "submit to Slurm through submitit"),
     "eval": ("titans_pretrain.eval.eval_cli", "long-context evaluation"),
+    "config": ("titans_pretrain.config_cli", "print the resolved run config, each key with its meaning"),
 }
 
 
@@ -47,16 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = build_parser()
+        parser.parse_args(argv)  # --help, or an unknown command: argparse says so
         parser.print_help()
         return 2
-    module = _load(args._module)
+    name = argv[0]
+    module_name, help_text = SUBCOMMANDS[name]
+    module = _load(module_name)
     if module is None:
-        print(f"titans-pretrain {args.command}: not available in this version yet "
-              f"(module {args._module} is missing).", file=sys.stderr)
+        print(f"titans-pretrain {name}: not available in this installation (module {module_name} is "
+              "missing).", file=sys.stderr)
         return 2
+    parser = argparse.ArgumentParser(prog=f"titans-pretrain {name}", description=help_text)
+    module.add_arguments(parser)
+    try:  # options and key=value overrides in any order
+        args = parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # a REMAINDER positional: that subcommand sorts its options out itself
+        args = parser.parse_args(argv[1:])
+    args.command = name
     return int(module.run(args) or 0)
 
 

@@ -26,98 +26,105 @@ class DataConfig:
     """Where tokens come from. `path` holds a prepared dataset (`manifest.json`); when it is missing
     the trainer prepares it there first from `inputs` (None = the embedded default corpus)."""
 
+    # prepared dataset folder (manifest.json; prepared there first when missing), or a URL read
+    # through webdataset: file://, http(s)://, pipe:COMMAND, brace-listed shards (docs/data.md)
     path: str = "data/default"
-    inputs: Optional[list[str]] = None
+    cache: Optional[str] = None  # folder keeping a URL dataset's shards after a checked read
+    # a mixture instead of `path`: [{path: FOLDER_OR_URL, weight: W, name: N (optional)}, ...],
+    # prepared datasets with one tokenizer, interleaved by weight per sample (docs/data.md)
+    sources: Optional[list[Any]] = None
+    inputs: Optional[list[str]] = None  # files/globs to prepare from; None = the embedded corpus
     tokenizer: Optional[str] = None  # an existing sentencepiece .model; None = train one
     vocab_size: int = 8192  # used when a tokenizer is trained
-    seq_len: int = 512
-    num_workers: int = 0
-    prepare_workers: int = 1
+    seq_len: int = 512  # tokens per training sequence (the dataset is prepared for it)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    prepare_workers: int = 1  # processes that tokenize when the dataset is prepared
     corpus_bytes: Optional[int] = None  # cap on the embedded default corpus; None = its default
     val_fraction: float = 0.02  # share of documents held out for validation when preparing
     # a missing, truncated or corrupt shard: "error" stops naming it; "skip" leaves it out (or masks
     # its samples when found while reading) and logs which, so a long run survives one bad file
-    on_corrupt: Literal["error", "skip"] = "error"
+    on_corrupt: Literal["error", "skip"] = "error"  # a shard failing its manifest check: stop or leave out
 
 
 @dataclass
 class ParallelConfig:
     """Parallel layout. Sizes multiply to the world size; `dp_shard=-1` takes what is left."""
 
-    engine: Literal["native", "deepspeed"] = "native"
+    engine: Literal["native", "deepspeed"] = "native"  # native (FSDP2/DTensor/pipelining) or deepspeed (ZeRO)
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # native engine only
     dp_replicate: int = 1  # > 1 with fsdp = HSDP (replicate across groups, shard within)
-    dp_shard: int = -1
+    dp_shard: int = -1  # FSDP shard group size; -1 = what the other sizes leave
     cp: int = 1  # context parallel: ranks per sequence, each a contiguous slice, memory state relayed
     cp_microbatches: int = 1  # cp: pieces of the batch per block hand-off (shortens the wavefront fill)
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor parallel: ranks that split attention and memory by heads
+    pp: int = 1  # pipeline parallel: stages
     # pipeline: schedule, virtual stages per rank (interleaved_1f1b needs >= 2), and the blocks per
     # stage (None = balanced by a per-layer cost estimate; else one count per stage, pp*stages_per_rank)
-    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
-    pp_stages_per_rank: int = 1
-    pp_layers: Optional[list[int]] = None
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"  # pipeline schedule
+    pp_stages_per_rank: int = 1  # virtual stages per rank (interleaved_1f1b)
+    pp_layers: Optional[list[int]] = None  # layers per stage; None = balanced by cost
     zero_stage: int = 2  # deepspeed engine only
     cpu_offload: bool = False  # deepspeed: ZeRO offload of optimizer (and params at stage 3)
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    activation_checkpointing: bool = False
-    compile: bool = False
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward (frees its activations)
+    compile: bool = False  # torch.compile each block
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl on GPU, gloo on CPU
     # never build the whole model on a rank: native engine on the meta device, then each rank
     # initialises its shards; deepspeed ZeRO-3 partitioned at construction (other ZeRO stages keep a
     # full copy anyway). The weights of an eager start, bit for bit. false: build whole, then shard
-    meta_init: bool = True
+    meta_init: bool = True  # build on the meta device, then initialise only this rank's shards
 
 
 @dataclass
 class TrainConfig:
     steps: int = 100  # total optimizer steps (the schedule's length)
     stop_at: int = 0  # save and exit 0 once this step is reached (a time-boxed slot); 0 = never
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0  # seeds the weights, the data order and every RNG
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms)
     global_batch_tokens: int = 8192  # tokens per optimizer step, over all ranks and micro-steps
     micro_batch_size: int = 4  # sequences per rank per forward/backward
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     val_interval: int = 0  # steps between validation passes; 0 = only at the end
-    val_batches: int = 4
+    val_batches: int = 4  # batches per validation pass
     sample_tokens: int = 64  # greedy sample generated at the end; 0 = none
-    sample_prompt: str = "def "
+    sample_prompt: str = "def "  # prompt of the greedy sample at the end
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 10
+    weight_decay: float = 0.1  # AdamW weight decay (not on the no_decay kinds)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # learning-rate schedule after warmup
+    warmup_steps: int = 10  # linear warmup from lr / warmup_steps to lr
     decay_fraction: float = 0.2  # wsd: last fraction of steps that decays
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still measured and logged)
+    # parameter kinds without weight decay: norm, bias, embedding
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embedding"])
 
 
 @dataclass
 class CheckpointConfig:
     interval: int = 100  # steps between checkpoints; 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # newest verified checkpoints of this run kept by pruning
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple; 0 = none
-    async_save: bool = False
+    async_save: bool = False  # write shards in a background thread
     resume: str = "auto"  # "auto" (newest complete), "none", or a checkpoint folder
     verify: Literal["hash", "size"] = "hash"  # integrity check on resume
-    save_at_end: bool = True
+    save_at_end: bool = True  # save when training ends
 
 
 @dataclass
 class LoggingConfig:
-    interval: int = 10
-    console: bool = True
-    tensorboard: bool = False
-    wandb: Literal["online", "offline", "disabled"] = "disabled"
-    wandb_project: str = "titans-pretrain"
-    run_name: Optional[str] = None
+    interval: int = 10  # steps between metric lines (console, metrics.jsonl, loggers)
+    console: bool = True  # progress line on stdout
+    tensorboard: bool = False  # also write TensorBoard events under run_dir/tensorboard
+    wandb: Literal["online", "offline", "disabled"] = "disabled"  # Weights & Biases mode
+    wandb_project: str = "titans-pretrain"  # Weights & Biases project
+    run_name: Optional[str] = None  # name in the loggers; None = the run_dir's name
 
 
 SECTIONS = ("model", "data", "parallel", "train", "optim", "checkpoint", "logging")
@@ -416,12 +423,38 @@ def _validate_context_parallel(cfg: RunConfig) -> None:
                           f"({cfg.train.micro_batch_size})")
     unit = getattr(m, "unit", None)
     if unit is not None:
-        from titans_pretrain.distributed.context_parallel import check_cp_layout
+        check_cp_layout(cfg.data.seq_len, p.cp, unit, m.variant)
 
-        try:
-            check_cp_layout(cfg.data.seq_len, p.cp, unit, m.variant)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+
+# ------------------------------------------------- layout arithmetic (the distributed code uses it too)
+def check_cp_layout(seq_len: int, cp: int, unit: int, variant: str) -> None:
+    """Each slice must start on the blocks' unit grid, or the relayed result would differ."""
+    what = "MAC segment (model.segment_len)" if variant == "mac" else "memory chunk (model.chunk_size)"
+    if seq_len % cp:
+        raise ConfigError(f"data.seq_len={seq_len} is not divisible by parallel.cp={cp}: every rank of a "
+                          "context-parallel group holds an equal slice; change seq_len or cp")
+    if (seq_len // cp) % unit:
+        raise ConfigError(
+            f"parallel.cp={cp} gives slices of {seq_len // cp} tokens, which would split a {what} of "
+            f"{unit} tokens across ranks: each slice must be a multiple of {unit}. Use a cp that "
+            f"divides {seq_len // unit} (the number of {unit}-token units per sequence)")
+
+
+def check_tp_model(config, tp: int, seq_len: int | None = None) -> None:
+    """Raise ConfigError naming the key and the fix when the model cannot be split ``tp`` ways."""
+    if tp == 1:
+        return
+    need = {"model.n_heads": config.n_heads, "model.vocab_size": config.vocab_size,
+            "model.mlp_hidden (resolved)": config.resolved_mlp_hidden}
+    if seq_len is not None:
+        need["data.seq_len (sequence parallel)"] = seq_len
+    for key, value in need.items():
+        if value % tp:
+            raise ConfigError(f"{key} = {value} is not divisible by parallel.tp = {tp}; pick a tp that "
+                              f"divides it (or change {key.split(' ')[0]})")
+    if config.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true is not supported with parallel.tp > 1 (the embedding "
+                          "and the LM head shard the shared table differently); set one of them off")
 
 
 def _validate_tp_pp(cfg: RunConfig) -> None:
@@ -435,12 +468,7 @@ def _validate_tp_pp(cfg: RunConfig) -> None:
             raise ConfigError(f"parallel.{key}={getattr(p, key)} composes with FSDP2, not DDP; set "
                               "parallel.data_parallel=fsdp")
     if p.tp > 1 and hasattr(m, "resolved_mlp_hidden"):
-        from titans_pretrain.distributed.tensor_parallel import check_tp_model
-
-        try:
-            check_tp_model(m, p.tp, cfg.data.seq_len)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        check_tp_model(m, p.tp, cfg.data.seq_len)
     _positive(p.pp_stages_per_rank, "parallel.pp_stages_per_rank")
     stages = p.pp * p.pp_stages_per_rank
     if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_stages_per_rank < 2:

@@ -17,9 +17,9 @@ VOCAB = 100_000  # > 2**16, so ids are stored as uint32 and any sample index fit
 
 
 def make_dataset(folder: Path, train_shards: list[int], val_shards: list[int] = (), *,
-                 seq_len: int = 7) -> Path:
+                 seq_len: int = 7, first_id: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    splits, next_id = {}, 0
+    splits, next_id = {}, first_id
     for split, sizes in (("train", train_shards), ("val", val_shards)):
         infos = []
         for i, n in enumerate(sizes):

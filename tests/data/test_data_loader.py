@@ -83,6 +83,43 @@ def test_resume_mid_epoch_equals_uninterrupted(uneven, workers):
         assert head + stream(resumed, 20 - cut) == full, f"resume at step {cut}"
 
 
+def global_steps(uneven, dp_size, batch_size, steps, state=None, **kw):
+    """The global batches (as sorted id lists) that dp_size ranks see over `steps` steps."""
+    loaders = [ShardLoader(uneven, batch_size=batch_size, dp_rank=r, dp_size=dp_size,
+                           global_batch=12, shuffle_buffer=7, **kw) for r in range(dp_size)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    accum = loaders[0].accum
+    per_rank = [stream(loader, steps * accum) for loader in loaders]
+    out = [sorted(i for rank in per_rank for b in rank[s * accum:(s + 1) * accum] for i in b)
+           for s in range(steps)]
+    return out, loaders[0].state_dict()
+
+
+def test_global_batches_do_not_depend_on_the_layout_and_resume_on_another_size(uneven):
+    """40 samples, global batch 12: 3 steps per epoch, 4 dropped; 7 steps cross two epochs."""
+    ref, _ = global_steps(uneven, 1, 3, 7)
+    assert all(len(b) == len(set(b)) == 12 for b in ref)
+    assert len(set(ref[0] + ref[1] + ref[2])) == 36 and ref[:3] != ref[3:6]  # reshuffled per epoch
+    for dp, batch in ((1, 12), (2, 2), (2, 6), (3, 4), (4, 3), (6, 1)):
+        assert global_steps(uneven, dp, batch, 7)[0] == ref, (dp, batch)
+    head, state = global_steps(uneven, 2, 3, 2)  # stopped mid-epoch on 2 ranks
+    for dp, batch in ((1, 3), (4, 3), (2, 6)):
+        assert head + global_steps(uneven, dp, batch, 5, state)[0] == ref, (dp, batch)
+
+
+def test_a_rank_reads_only_the_shards_of_its_slice(tmp_path):
+    manifest = make_dataset(tmp_path / "many", [8] * 32)  # 256 samples, one window
+    shards = []
+    for rank in range(4):
+        loader = ShardLoader(manifest, batch_size=16, dp_rank=rank, dp_size=4, global_batch=64)
+        ids = [i for b in stream(loader, 4) for i in b]
+        shards.append({i // 8 for i in ids})
+    assert set().union(*shards) == set(range(32))
+    assert max(len(s) for s in shards) <= 12  # about 32 / 4, not all 32
+
+
 def test_state_is_rank_independent_and_checked(uneven, tmp_path):
     a = ShardLoader(uneven, batch_size=3, dp_rank=0, dp_size=2)
     stream(a, 2)
@@ -90,30 +127,39 @@ def test_state_is_rank_independent_and_checked(uneven, tmp_path):
     b.load_state_dict(a.state_dict())
     assert (b.epoch, b.step) == (0, 2)
 
-    four = ShardLoader(uneven, batch_size=3, dp_rank=0, dp_size=4)
-    with pytest.raises(ValueError, match="data-parallel size changed"):
-        four.load_state_dict(a.state_dict())
-    boundary = dict(a.state_dict(), epoch=3, step=0)
-    four.load_state_dict(boundary)  # allowed at an epoch boundary: re-laid out for 4 ranks
-    assert (four.epoch, four.step) == (3, 0)
-
-    with pytest.raises(ValueError, match="batch_size"):
-        ShardLoader(uneven, batch_size=2, dp_rank=0, dp_size=2).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="global_batch=6 but this loader has global_batch=12"):
+        ShardLoader(uneven, batch_size=3, dp_rank=0, dp_size=4).load_state_dict(a.state_dict())
+    inside = ShardLoader(uneven, batch_size=1, dp_rank=0, dp_size=2, global_batch=6)
+    stream(inside, 1)  # one of three micro-batches of step 0
+    with pytest.raises(ValueError, match="inside global step 0 .* only a step boundary resumes"):
+        ShardLoader(uneven, batch_size=3, dp_rank=0, dp_size=2).load_state_dict(inside.state_dict())
     other = make_dataset(tmp_path / "other", [9, 4, 13, 6, 1, 8])
     with pytest.raises(ValueError, match="dataset changed"):
         ShardLoader(other, batch_size=3, dp_rank=0, dp_size=2).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        ShardLoader(uneven, batch_size=3, dp_rank=0, dp_size=2, global_batch=9)
+
+
+def test_a_version_1_state_resumes_at_an_epoch_boundary_only(uneven):
+    loader = ShardLoader(uneven, batch_size=3, dp_rank=0, dp_size=2)
+    v1 = {"version": 1, "split": "train", "epoch": 2, "step": 6, "seed": 0, "batch_size": 3,
+          "dp_size": 2, "shuffle_buffer": 4096, "layout": loader._layout_id()}
+    loader.load_state_dict(v1)  # the end of epoch 2 (40 // 6 = 6 steps) is the start of epoch 3
+    assert (loader.epoch, loader.step) == (3, 0)
+    with pytest.raises(ValueError, match=r"older version .* mid-epoch \(epoch 2, step 4 of 6\)"):
+        loader.load_state_dict(dict(v1, step=4))
 
 
 def test_validation_is_one_ordered_pass_per_iter(uneven):
     ranks = [ShardLoader(uneven, split="val", batch_size=2, dp_rank=r, dp_size=2) for r in (0, 1)]
     assert ranks[0].steps_per_epoch == 2  # 11 samples // (2 ranks * 2) = 2 steps, 3 dropped
     passes = [[i for b in r for i in sample_ids(b)] for r in ranks]
-    assert passes[0] + passes[1] == list(range(40, 48))  # contiguous blocks, in manifest order
+    assert passes == [[40, 41, 44, 45], [42, 43, 46, 47]]  # each step's slices, in manifest order
     assert [i for b in ranks[0] for i in sample_ids(b)] == passes[0]  # iterable again
 
 
 def test_too_small_split_and_bad_arguments(uneven):
-    with pytest.raises(ValueError, match="fewer than dp_size"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         ShardLoader(uneven, split="val", batch_size=8, dp_rank=0, dp_size=2)
     with pytest.raises(ValueError, match="dp_rank"):
         ShardLoader(uneven, batch_size=2, dp_rank=2, dp_size=2)

@@ -239,3 +239,24 @@ def test_cli_prepare_glob_and_error(corpus, tmp_path, capsys):
     rc = cli_main(["prepare", "--input", str(tmp_path / "missing"), "--output",
                    str(tmp_path / "x")])
     assert rc == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_every_sample_traces_to_its_file_document_and_token(corpus, tmp_path):
+    from titans_pretrain.data.provenance import trace
+
+    root, docs = corpus
+    manifest = load_manifest(prepare_dataset([str(root)], tmp_path / "p", val_fraction=0.2, **FAST))
+    tok = Tokenizer(manifest.tokenizer_path)
+    files = ["a.jsonl"] * 40 + ["d.txt"] + ["e.parquet"] * 48 + ["b.jsonl.gz"] * 30 + ["c.txt.zst"]
+    firsts = {0: 0, 40: 0, 41: 0, 89: 0, 119: 0}
+    for split in ("train", "val"):
+        rows = np.concatenate([read_shard(manifest.root / s.file, sample_len=manifest.sample_len,
+                                          dtype=np.dtype(manifest.dtype), expected_samples=s.samples)
+                               for s in manifest.shards(split)])
+        for index in range(0, len(rows), 7):
+            t = trace(manifest, split, index)
+            assert t["file"].endswith(files[t["document"]]), t
+            assert t["document_in_file"] == t["document"] - max(k for k in firsts if k <= t["document"])
+            ids = tok.encode(docs[t["document"]]) + [tok.eos_id]
+            head = ids[t["token"]:t["token"] + manifest.sample_len]
+            assert rows[index][:len(head)].tolist() == head, t

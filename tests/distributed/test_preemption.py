@@ -1,6 +1,8 @@
 """2-process runs through `--nproc 2`: SIGTERM -> agree, save, exit 75, bit-exact resume; resuming
-on another data-parallel size; `load_checkpoint` of a sharded checkpoint; the DeepSpeed engine's
-own checkpoints resume bit-exactly."""
+mid-epoch on 1 and 4 processes matches the uninterrupted run; 1 process, FSDP and ZeRO-3 on 2 see
+the same losses; DeepSpeed ZeRO-2 and ZeRO-3 checkpoints resume on 1 process; `load_checkpoint` of a sharded checkpoint; the DeepSpeed engine's own checkpoints
+resume bit-exactly."""
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,9 +49,20 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(tmp_path, data_dir):
     stopped = max(losses(run))
     assert 3 <= stopped < 30
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
-    # another data-parallel size mid-epoch: a clear error, nothing changed
-    other = train(run, data_dir, *steps, check=False)
-    assert other.returncode == 1 and "data-parallel" in other.stdout
+    from titans_pretrain.data.manifest import load_manifest
+
+    assert stopped % (load_manifest(data_dir).splits["train"].samples // 8) != 0  # mid-epoch
+    # another data-parallel size mid-epoch: the same global batches, so the same losses (to
+    # reduction order); 1 process accumulates 4 micro-batches, 4 processes one each
+    for nproc in (1, 4):
+        other = tmp_path / f"on{nproc}"
+        shutil.copytree(run, other)
+        out = train(other, data_dir, *steps, nproc=nproc if nproc > 1 else None).stdout
+        assert f"data-parallel size 2 -> {nproc}" in out and "continues exactly" in out
+        got, want = losses(other), losses(ref)
+        assert got.keys() == want.keys()
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-5, abs=0), (nproc, step)
     out = train(run, data_dir, *steps, nproc=2).stdout
     assert f"step {stopped}" in out
     assert losses(run) == losses(ref)
@@ -57,7 +70,34 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_one_process_fsdp_and_zero3_see_the_same_losses(tmp_path, data_dir):
+    """The stream is a function of the global batch, not of the layout: every step's loss agrees
+    to reduction order (1e-5 relative) and the loss changes from step to step. The ZeRO-3 run's
+    step-4 checkpoint then resumes on 1 process through DeepSpeed's universal checkpoint."""
+    zero3 = ["parallel.engine=deepspeed", "parallel.zero_stage=3"]
+    runs = {"one": ([], None), "fsdp": ([], 2), "zero3": (zero3 + ["checkpoint.interval=4"], 2)}
+    seen = {}
+    for name, (args, nproc) in runs.items():
+        train(tmp_path / name, data_dir, "checkpoint.interval=0", *args, nproc=nproc)
+        seen[name] = losses(tmp_path / name)
+    assert sorted(seen["one"]) == list(range(1, 9)) and len(set(seen["one"].values())) == 8
+    back = tmp_path / "zero3_on_1"
+    shutil.copytree(tmp_path / "zero3", back)
+    shutil.rmtree(back / "checkpoints" / "step_00000008")
+    (back / "checkpoints" / "latest").write_text("step_00000004\n")
+    out = train(back, data_dir, *zero3).stdout
+    assert "data-parallel size 2 -> 1" in out and "resumed from" in out
+    seen["zero3_on_1"] = losses(back)
+    for name in ("fsdp", "zero3", "zero3_on_1"):
+        assert seen[name].keys() == seen["one"].keys()
+        for step, loss in seen["one"].items():
+            assert seen[name][step] == pytest.approx(loss, rel=1e-5, abs=0), (name, step)
+    assert not list((back / "checkpoints").glob(".*universal"))  # the converted copy is removed
+
+
+@pytest.mark.slow
 def test_deepspeed_zero2_stop_and_resume_exactly(tmp_path, data_dir):
+    """Same size: bit-exact. 2 -> 1 processes: DeepSpeed's universal checkpoint, same losses."""
     ds = ["parallel.engine=deepspeed", "parallel.zero_stage=2"]
     ref = tmp_path / "ref"
     train(ref, data_dir, *ds, nproc=2)
@@ -65,6 +105,14 @@ def test_deepspeed_zero2_stop_and_resume_exactly(tmp_path, data_dir):
     train(run, data_dir, *ds, "train.stop_at=3", nproc=2)
     wrong = train(run, data_dir, "parallel.engine=native", check=False)
     assert wrong.returncode == 1 and "deepspeed engine" in wrong.stdout
+    one = tmp_path / "one"  # on 1 process: through DeepSpeed's universal checkpoint
+    shutil.copytree(run, one)
+    out = train(one, data_dir, *ds).stdout
+    assert "data-parallel size 2 -> 1" in out
+    assert losses(one).keys() == losses(ref).keys()
+    for step, loss in losses(ref).items():
+        assert losses(one)[step] == pytest.approx(loss, rel=1e-5, abs=0), step
+    assert not list((one / "checkpoints").glob(".*universal"))  # the converted copy is removed
     train(run, data_dir, *ds, nproc=2)
     assert losses(run) == losses(ref)
     assert losses(ref)[8] < losses(ref)[1]

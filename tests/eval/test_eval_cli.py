@@ -55,10 +55,69 @@ def test_eval_writes_results_and_figures(run_dir, capsys):
     assert len({p["state_bytes"] for p in points}) == 1 and all(p["mean_loss"] > 1.0 for p in points)
 
 
+def test_results_accumulate_and_ppl_ignores_other_lengths(run_dir, capsys):
+    """Tasks run one at a time end up side by side; perplexity at a length is the same whether or not
+    a longer length (which would cut the streams differently) is asked for in the same run."""
+    out = run_dir / "eval_acc"
+    common = ["eval", str(run_dir / "run"), "--out", str(out), "--device", "cpu", "--ppl-streams", "3"]
+    assert cli_main(common + ["--task", "ppl", "--ppl-lengths", "32", "128"]) == 0, capsys.readouterr().err
+    first = json.loads((out / "results.json").read_text())["ppl"]
+    assert cli_main(common + ["--task", "needle", "--needle-tasks", "passkey", "--lengths", "64", "--depths", "0",
+                              "--samples", "1"]) == 0, capsys.readouterr().err
+    assert cli_main(common + ["--task", "ppl", "--ppl-lengths", "32", "48"]) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert [r["tasks"] for r in res["runs"]] == [["ppl"], ["needle"], ["ppl"]]
+    assert res["needle"]["passkey"]["lengths"] == [64]
+    ppl = res["ppl"]
+    assert ppl["lengths"] == [32, 48, 128] and ppl["perplexity"][2] == first["perplexity"][1]
+    assert ppl["perplexity"][0] == first["perplexity"][0]  # 32 alone vs with 128 vs with 48
+    assert ppl["bins"][-1][1] == 48  # the curve is the newest run's
+    (out / "results.json").write_text(json.dumps(dict(res, checkpoint="elsewhere")))
+    assert cli_main(common + ["--task", "ppl", "--ppl-lengths", "32"]) == 2
+    assert "another --out" in capsys.readouterr().err
+
+
+def test_lm_eval_task_joins_the_results(run_dir, capsys):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra (pip install -e '.[lmeval]')")
+    out = run_dir / "eval_lm"
+    common = ["eval", str(run_dir / "run"), "--out", str(out), "--device", "cpu"]
+    assert cli_main(common + ["--task", "ppl", "--ppl-lengths", "32", "--ppl-streams", "1"]) == 0
+    code = cli_main(common + ["--task", "lm-eval", "--lm-eval-tasks", "titans_cloze", "titans_complete_line",
+                              "--limit", "3", "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["ppl"]["lengths"] == [32] and set(res["lm_eval"]) == {"titans_cloze", "titans_complete_line"}
+    assert 0.0 <= res["lm_eval"]["titans_cloze"]["metrics"]["acc"] <= 1.0
+    assert res["lm_eval"]["titans_cloze"]["samples"] == 3
+    hf_config = json.loads((out / "lm_eval" / "hf" / "config.json").read_text())
+    assert hf_config["max_position_embeddings"] == 64  # the run's seq_len: lm-eval cuts inputs there
+    assert cli_main(common + ["--task", "lm-eval", "--lm-eval-tasks", "no_such_task"]) == 2
+    assert "--include-path" in capsys.readouterr().err
+    assert cli_main(common + ["--task", "lm-eval", "--include-path", str(run_dir / "none")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_merge_results_keeps_every_entry():
+    from titans_pretrain.eval.eval_cli import merge_results
+
+    old = {"checkpoint": "c", "runs": [{"tasks": ["ppl"]}], "needle": {"passkey": 1, "word": 2},
+           "ppl": {"lengths": [8, 16], "perplexity": [3.0, 2.0], "mean_loss": [1.1, 0.7], "streams": 2}}
+    new = {"checkpoint": "c", "runs": [{"tasks": ["needle", "ppl"]}], "needle": {"word": 5},
+           "lm_eval": {"t": 0.5}, "ppl": {"lengths": [16, 32], "perplexity": [2.5, 1.5], "mean_loss": [0.9, 0.4],
+                                          "streams": 4, "streams_by_length": [4, 4]}}
+    got = merge_results(old, new)
+    assert got["needle"] == {"passkey": 1, "word": 5} and got["lm_eval"] == {"t": 0.5} and len(got["runs"]) == 2
+    assert got["ppl"]["lengths"] == [8, 16, 32] and got["ppl"]["perplexity"] == [3.0, 2.5, 1.5]
+    assert got["ppl"]["streams_by_length"] == [2, 4, 4] and got["ppl"]["streams"] == 4
+    assert merge_results(None, new) == new
+
+
 def test_eval_errors_name_the_fix(run_dir, capsys):
     code = cli_main(["eval", str(run_dir / "run"), "--task", "ppl", "--data", str(run_dir / "nowhere")])
     assert code == 2 and "--data" in capsys.readouterr().err
     code = cli_main(["eval", str(run_dir / "nothing_here"), "--task", "ppl"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = cli_main(["eval", str(run_dir / "data"), "--task", "ppl"])  # exists, holds no checkpoint
     assert code == 2 and "not a checkpoint" in capsys.readouterr().err
     code = cli_main(["eval", str(run_dir / "run"), "--needle-tasks", "haystack"])
     assert code == 2 and "passkey" in capsys.readouterr().err

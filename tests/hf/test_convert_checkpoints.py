@@ -46,6 +46,8 @@ def test_one_process_run_loads_in_a_fresh_process(run_1proc, data_dir, tmp_path)
                  "modeling_titans.py", "tokenization_titans.py", "tokenizer.model", "tokenizer_config.json",
                  "special_tokens_map.json"):
         assert (out / name).is_file(), name
+    # the trained context (configs/debug.yaml: seq_len 32); the 37-token inputs below stream past it
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32
 
     native = load_checkpoint(run_1proc)
     ids = torch.randint(0, native.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))

@@ -79,6 +79,10 @@ def test_config_json_holds_every_hyperparameter(tmp_path):
     for f in fields(TitansConfig):
         assert raw[f.name] == getattr(model.config, f.name), f.name
     assert raw["tie_word_embeddings"] is True
+    assert raw["max_position_embeddings"] is None  # no run config: the trained context is unknown
+    trained = json.loads((export_model(model, tmp_path / "r", run_config={"data": {"seq_len": 48}})
+                          / "config.json").read_text())
+    assert trained["max_position_embeddings"] == 48
     source = (out / "modeling_titans.py").read_text()
     assert "import titans_pretrain" not in source and "from titans_pretrain" not in source
 
@@ -164,8 +168,11 @@ def test_misuse_is_refused(tmp_path):
     ids = torch.randint(0, 64, (2, 8))
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding is not supported"):
-        hf(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="must be"):
+        hf(ids, attention_mask=mask[:, 1:])
+    cache = hf(ids, use_cache=True).cache  # consumed every column as a real token
+    with pytest.raises(ValueError, match="pass the mask with the first call"):
+        hf(ids[:, :1], cache=cache, attention_mask=torch.cat((mask, mask[:, :1]), dim=1))
     with pytest.raises(ValueError, match="input_ids, not inputs_embeds"):
         hf(inputs_embeds=torch.zeros(2, 8, 32))
     with pytest.raises(TypeError, match="TitansCache"):
@@ -184,3 +191,67 @@ def test_beam_search_and_sampling_through_the_cache(tmp_path):
     torch.manual_seed(0)
     sampled = hf.generate(ids, max_new_tokens=5, do_sample=True, top_k=5, num_return_sequences=2)
     assert sampled.shape == (4, 14) and torch.equal(sampled[::2, :9], ids)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_padded_batch_generates_as_one_at_a_time(variant, tmp_path):
+    """Left-padded prompts through transformers' generate (cached and recomputed) and a right-padded
+    forward: every real position equals its sequence alone (fp64), as does every greedy token."""
+    model = native(variant).double()
+    hf = load(export_model(model, tmp_path / variant, prefill_chunk=1)).double()
+    hf.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(0, 64, (n,), generator=g) for n in (3, 10, 17)]  # chunk 4, segment 8: all offsets
+    T = 17
+    left, right = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    lmask, rmask = torch.zeros_like(left), torch.zeros_like(right)
+    for b, r in enumerate(rows):
+        left[b, T - len(r):], lmask[b, T - len(r):] = r, 1
+        right[b, :len(r)], rmask[b, :len(r)] = r, 1
+    with torch.no_grad():
+        cached = hf.generate(left, attention_mask=lmask, max_new_tokens=10, do_sample=False)
+        recomputed = hf.generate(left, attention_mask=lmask, max_new_tokens=10, do_sample=False, use_cache=False)
+        logits = hf(right, attention_mask=rmask).logits
+        streamed = hf(right, attention_mask=rmask, use_cache=True).logits
+        for b, r in enumerate(rows):
+            alone = hf.generate(r[None], max_new_tokens=10, do_sample=False)[0, len(r):]
+            assert torch.equal(alone, model.generate(r[None], 10)[0])
+            assert torch.equal(cached[b, T:], alone) and torch.equal(recomputed[b, T:], alone), b
+            want = model(r[None]).logits[0]
+            torch.testing.assert_close(logits[b, :len(r)], want, rtol=0, atol=1e-12)
+            torch.testing.assert_close(streamed[b, :len(r)], want, rtol=0, atol=1e-12)
+
+
+def test_batched_cache_continues_into_a_padded_batch(tmp_path):
+    """A cache built without padding splits into per-row states when padding arrives, exactly."""
+    model = native("mac").double()
+    hf = load(export_model(model, tmp_path / "m")).double()
+    g = torch.Generator().manual_seed(8)
+    prefix, more = torch.randint(0, 64, (2, 11), generator=g), torch.randint(0, 64, (2, 6), generator=g)
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, 11:13] = 0  # row 1: two pads after the prefix
+    with torch.no_grad():
+        cache = hf(prefix, use_cache=True).cache
+        out = hf(more, cache=cache, attention_mask=mask)
+        assert cache.get_seq_length() == 17 and cache.rows is not None
+        for b in range(2):
+            real = torch.cat((prefix[b], more[b][mask[b, 11:].bool()]))
+            want = model(real[None]).logits[0, 11:]
+            torch.testing.assert_close(out.logits[b][mask[b, 11:].bool()], want, rtol=0, atol=1e-12)
+
+
+def test_beam_search_on_a_padded_batch(tmp_path):
+    """Beam search reorders the per-row states: a left-padded batch's beams equal each prompt's alone."""
+    model = native("mag").double()
+    hf = load(export_model(model, tmp_path / "m")).double()
+    hf.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(9)
+    rows = [torch.randint(0, 64, (n,), generator=g) for n in (4, 9)]
+    ids, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, 9 - len(r):], mask[b, 9 - len(r):] = r, 1
+    with torch.no_grad():
+        beams = hf.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
+        for b, r in enumerate(rows):
+            alone = hf.generate(r[None], max_new_tokens=5, num_beams=3, do_sample=False)
+            assert torch.equal(beams[b, 9:], alone[0, len(r):]), b

@@ -24,7 +24,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_launch_scripts_pass_shellcheck():
-    scripts = [ROOT / "launch" / "local_slurm.sh", ROOT / "launch" / "titans.sbatch", ROOT / "bench" / "gpu_session.sh"]
+    scripts = [ROOT / "launch" / "local_slurm.sh", ROOT / "launch" / "titans.sbatch", ROOT / "tools" / "gpu_session.sh"]
     proc = subprocess.run([_tool("shellcheck"), "--shell=bash", *map(str, scripts)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

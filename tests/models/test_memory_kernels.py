@@ -5,7 +5,7 @@ momentum) must match the PyTorch path in fp32 and the fp64 PyTorch path, within 
 abs error over max abs value). On CPU the kernels run under Triton's interpreter, which must be
 switched on before triton is imported: all CPU cases run in one subprocess (``python
 tests/models/test_memory_kernels.py`` is that worker) and the tests read its report. With a GPU the
-same cases, plus the issue's real layer shape, also run compiled on the device, in-process. The
+same cases, plus the 170M presets' layer shape, also run compiled on the device, in-process. The
 depth-2 kernels walk the hidden width in tiles of 16: ``E`` = 16, 32 and 64 cover one, two and four;
 48 and 384 cover widths that are not powers of two. Head dimensions 48 and 96 run padded to 64 and 128.
 """
@@ -304,13 +304,13 @@ def test_compiled_kernel_matches_pytorch_on_gpu(name):
 
 @gpu
 @pytest.mark.parametrize("D", [64, 96])
-def test_compiled_kernel_issue_shape_on_gpu(D):
+def test_compiled_kernel_preset_shape_on_gpu(D):
     """The presets' layer shapes (head 64 and 96, expansion 4, chunk 64, depth 2), shortened to 4 chunks."""
-    CASES["issue_shape"] = (2, 2, 256, D, 4 * D, 2, 64, "gelu", "both", torch.bfloat16, 10.0)
+    CASES["preset_shape"] = (2, 2, 256, D, 4 * D, 2, 64, "gelu", "both", torch.bfloat16, 10.0)
     try:
-        errs = compare("issue_shape", "cuda")
+        errs = compare("preset_shape", "cuda")
     finally:
-        del CASES["issue_shape"]
+        del CASES["preset_shape"]
     assert errs["vs_fp32"] < 1e-4 and errs["vs_fp64"] < _rtol64("d2_gelu_bf16_inputs"), errs
     assert _no_grad_matches("cuda") < RTOL
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from titans_pretrain.models import TitansConfig, TitansLM
 from titans_pretrain.models.memory_ops import init_state, memory_chunked
 from titans_pretrain.profile.flops_split import flops_split
-from titans_pretrain.train.flops import memory_dims, memory_forward_flops
+from titans_pretrain.models.flops import memory_dims, memory_forward_flops
 
 
 def counted(fn) -> int:
@@ -43,7 +43,7 @@ def test_attention_context_is_the_mean_number_of_visible_keys():
     """The formula's useful attention work: `ctx` equals the mean count of True entries per query
     row of the masks the model really uses (masked-out scores are not counted)."""
     from titans_pretrain.models.attention import mac_segment_mask, sliding_window_mask
-    from titans_pretrain.train.flops import attention_context
+    from titans_pretrain.models.flops import attention_context
 
     T, w, C, n_p = 32, 8, 8, 2
     mag = TitansConfig(variant="mag", vocab_size=64, d_model=16, n_heads=2, window=w, n_persistent=n_p)
@@ -79,14 +79,16 @@ def test_profile_report_of_debug_config(tmp_path):
     out = tmp_path / "prof"
     proc = subprocess.run(
         [sys.executable, "-m", "titans_pretrain", "profile", "configs/debug.yaml", "--steps", "2",
-         "--warmup", "1", "--profile-steps", "1", "--out", str(out), "--sweep-seq-len", "16,32"],
+         "--warmup", "1", "--profile-steps", "1", "--out", str(out), "--sweep-seq-len", "16,32,128"],
         capture_output=True, text=True, timeout=240, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "timed step 2/3" in proc.stdout  # progress while it runs
     report = json.loads((out / "report.json").read_text())
     rows = report["results"]
-    assert [r["seq_len"] for r in rows] == [16, 32]
-    assert len({r["tokens_per_step"] for r in rows}) == 1  # fixed tokens per step across the sweep
+    assert [r["seq_len"] for r in rows] == [16, 32, 128]
+    # fixed tokens per step across the sweep, also where one sequence outgrows a micro-batch
+    assert {r["tokens_per_step"] for r in rows} == {256}
+    assert rows[2]["layout"]["micro_batch_size"] == 1 and rows[2]["layout"]["grad_accum"] == 2
     for r in rows:
         assert r["timed_steps"] == 2 and len(r["step_times_s"]) == 2
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"])
@@ -97,11 +99,14 @@ def test_profile_report_of_debug_config(tmp_path):
         assert min(f["dense"], f["attention"], f["memory"]) > 0
         assert r["peak_memory_bytes"] > 50 * 2**20 and r["peak_memory_kind"].startswith("rss")
         b = r["breakdown_s"]
-        assert b["basis"] == "host wall time"
+        assert b["basis"] == "host wall time, shares scaled to the timed step"
         for comp in ("attention", "memory", "mlp", "optimizer"):
             assert b[comp] > 0, comp
         parts = sum(b[c] for c in ("attention", "memory", "mlp", "optimizer", "communication", "other"))
         assert parts == pytest.approx(b["total"], rel=1e-6)
+        assert b["total"] == pytest.approx(r["step_time_s"])  # adds up to the reported ms/step
+        assert b["communication"] == 0.0  # one process: nothing to communicate
+        assert b["profiled_step"] > 0
         trace = json.loads(open(r["trace"]).read())
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"titans::memory", "titans::attention", "titans::mlp"} <= names

@@ -5,7 +5,7 @@ import torch
 
 from titans_pretrain.config import OptimConfig
 from titans_pretrain.models import TitansConfig, TitansLM
-from titans_pretrain.train.flops import (attention_context, flops_per_token, matmul_params,
+from titans_pretrain.models.flops import (attention_context, flops_per_token, matmul_params,
                                          memory_forward_flops, mfu)
 from titans_pretrain.train.optim import build_optimizer, lr_factor, param_groups
 

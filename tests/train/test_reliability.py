@@ -53,7 +53,7 @@ def test_resumed_overrides_take_effect_and_are_reported(tmp_path, data_dir):
     (("model.d_model=48",), "model.d_model: 32 -> 48"),
     (("model.variant=mag",), "model.variant: 'mac' -> 'mag'"),
     (("train.seed=1",), "train.seed: 0 -> 1"),
-    (("train.micro_batch_size=4",), "loader state has batch_size=2 but this loader has batch_size=4"),
+    (("train.global_batch_tokens=512",), "loader state has global_batch=8 but this loader has global_batch=16"),
 ])
 def test_a_change_the_checkpoint_cannot_follow_is_refused_before_anything_is_written(
         tmp_path, data_dir, change, named):

@@ -13,16 +13,6 @@ STEPS = 8  # debug.yaml: 8 steps, checkpoint every 4, keep 2
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from titans_pretrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data")
-    prepare_dataset(None, out, vocab_size=512, seq_len=32, default_corpus_bytes=1 << 20,
-                    val_fraction=0.1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def run_a(tmp_path_factory, data_dir):
     """The uninterrupted reference run (it also samples 4 tokens at the end)."""
     run = tmp_path_factory.mktemp("run_a")

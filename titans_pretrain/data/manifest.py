@@ -61,6 +61,13 @@ class Manifest:
     params: dict
     cache_key: str
     root: Path = field(default=Path("."), compare=False)
+    location: object = field(default=None, compare=False, repr=False)  # a data.location.Location
+
+    def __post_init__(self):
+        if self.location is None:
+            from titans_pretrain.data.location import Location
+
+            self.location = Location(self.root)
 
     @property
     def sample_len(self) -> int:
@@ -69,10 +76,16 @@ class Manifest:
 
     @property
     def tokenizer_path(self) -> Path:
+        """A local path of the tokenizer (a remote dataset's is fetched, hash-checked, on first use)."""
+        if self.location.local is None:
+            return self.location.fetch(self.tokenizer_file, self.tokenizer_sha256 or None)
         return self.root / self.tokenizer_file
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """Where `manifest.json` is: a path, or the URL of a remote dataset."""
+        if self.location.local is None:
+            return self.location.url(MANIFEST_NAME)
         return self.root / MANIFEST_NAME
 
     def shards(self, split: str) -> list[ShardInfo]:
@@ -89,6 +102,7 @@ class Manifest:
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("root")
+        data.pop("location")
         data["sample_len"] = self.sample_len
         for name, split in self.splits.items():
             data["splits"][name]["samples"] = split.samples
@@ -108,21 +122,49 @@ def save_manifest(manifest: Manifest, folder: Path) -> Path:
     return path
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Load `manifest.json` (or the dataset folder holding it)."""
+def load_manifest(path: str | Path, *, cache: str | Path | None = None) -> Manifest:
+    """Load `manifest.json` from a dataset folder (or the file itself), or from a URL location
+    (`data.location`: file://, http(s)://, pipe:); `cache` keeps remote shards locally."""
+    from titans_pretrain.data.location import Location, is_url
+
+    if is_url(str(path)):
+        location = Location(str(path), cache=cache)
+        return _with_selection(parse_manifest(location.read(MANIFEST_NAME).decode("utf-8", "replace"),
+                                              location.url(MANIFEST_NAME), location), location)
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no dataset manifest at {path}: run `titans-pretrain prepare` "
                                 f"first (a folder without manifest.json is an incomplete dataset)")
+    return parse_manifest(path.read_text(), str(path), Location(path.parent))
+
+
+def _with_selection(manifest: Manifest, location) -> Manifest:
+    """Keep only the shards a brace-listed location names; a name not in the manifest is an error."""
+    if location.selection is None:
+        return manifest
+    known = {s.file for split in manifest.splits.values() for s in split.shards}
+    unknown = [name for name in location.selection if name not in known]
+    if unknown:
+        raise ValueError(f"data.path={location.spec} lists {', '.join(unknown[:3])}, which "
+                         f"{location.url(MANIFEST_NAME)} does not have; list shards of this dataset")
+    chosen = set(location.selection)
+    manifest.splits = {name: SplitInfo(shards=[s for s in split.shards if s.file in chosen])
+                       for name, split in manifest.splits.items()}
+    manifest.splits = {name: split for name, split in manifest.splits.items() if split.shards}
+    return manifest
+
+
+def parse_manifest(text: str, where: str, location) -> Manifest:
+    """A `Manifest` from the text of `manifest.json` read at `where`; its files are at `location`."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); re-run `prepare`") from exc
+        raise ValueError(f"{where} is not valid JSON ({exc}); re-run `prepare`") from exc
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version!r}; this code reads version "
+        raise ValueError(f"{where} has format_version {version!r}; this code reads version "
                          f"{FORMAT_VERSION}: re-run `prepare` with this version")
     splits = {name: SplitInfo(shards=[ShardInfo(**s) for s in split["shards"]])
               for name, split in data["splits"].items()}
@@ -132,7 +174,7 @@ def load_manifest(path: str | Path) -> Manifest:
         vocab_size=data["vocab_size"], bos_id=data["bos_id"], eos_id=data["eos_id"],
         pad_id=data["pad_id"], seq_len=data["seq_len"], dtype=data["dtype"], splits=splits,
         totals=Totals(**data["totals"]), params=data["params"], cache_key=data["cache_key"],
-        root=path.parent.resolve(),
+        root=location.local if location.local is not None else Path("."), location=location,
     )
 
 

@@ -72,12 +72,22 @@ def _unit_hash(seed: int, index: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+# Sample keys `{index:09d}_d{document:09d}_t{token:07d}`: sample `index` of its split starts at
+# token `token` of the corpus's `document`-th non-empty document (files in sorted path order;
+# `provenance.trace` maps it to the file). Part of the cache key: older datasets are rebuilt.
+KEY_FORMAT = "index_document_token"
+
+
+def sample_key(index: int, document: int, token: int) -> str:
+    return f"{index:09d}_d{document:09d}_t{token:07d}"
+
+
 def _fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def _cache_key(files: list[Path], params: PrepareParams, tokenizer_sha: str | None) -> str:
-    blob = json.dumps({"format": FORMAT_VERSION, "files": _fingerprint(files),
+    blob = json.dumps({"format": FORMAT_VERSION, "keys": KEY_FORMAT, "files": _fingerprint(files),
                        "params": asdict(params), "tokenizer": tokenizer_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -149,22 +159,33 @@ class _SplitWriter:
         self.eos = np.asarray([eos_id], dtype=dtype)
         self.shard_samples = shard_samples
         self.pending = np.empty(0, dtype=dtype)
+        self.pending_start = (0, 0)  # (document, token) where `pending` starts
         self.shards: list[ShardInfo] = []
         self.samples = 0
         self._writer: ShardWriter | None = None
 
-    def add_document(self, ids: np.ndarray) -> None:
+    def add_document(self, ids: np.ndarray, document: int) -> None:
+        """Append document number `document` (over the whole corpus) and its EOS."""
+        held = len(self.pending)
+        start = self.pending_start if held else (document, 0)
+
+        def origin(position: int) -> tuple[int, int]:
+            if position < held:
+                return start[0], start[1] + position
+            return document, position - held
+
         tokens = np.concatenate([self.pending, ids, self.eos])
         full = len(tokens) // self.sample_len
-        for row in tokens[: full * self.sample_len].reshape(full, self.sample_len):
-            self._write(row)
+        for r, row in enumerate(tokens[: full * self.sample_len].reshape(full, self.sample_len)):
+            self._write(row, *origin(r * self.sample_len))
         self.pending = tokens[full * self.sample_len:]
+        self.pending_start = origin(full * self.sample_len)
 
-    def _write(self, row: np.ndarray) -> None:
+    def _write(self, row: np.ndarray, document: int, token: int) -> None:
         if self._writer is None:
             name = f"{self.split}-{len(self.shards):05d}.tar"
             self._writer = ShardWriter(self.folder / name)
-        self._writer.add(f"{self.samples:09d}", row)
+        self._writer.add(sample_key(self.samples, document, token), row)
         self.samples += 1
         if self._writer.samples == self.shard_samples:
             self._close_shard()
@@ -322,7 +343,7 @@ def _build(files: list[Path], folder: Path, params: PrepareParams, key: str,
                                params.shard_samples) for s in SPLITS}
 
     totals = ReadTotals()
-    tokens = 0
+    tokens = document = 0
     documents = iter_corpus(files, options, totals)
     total_bytes = sum(p.stat().st_size for p in files)
     # progress=None: a bar only on a terminal (tqdm's rule); True/False force it on/off.
@@ -332,7 +353,8 @@ def _build(files: list[Path], folder: Path, params: PrepareParams, key: str,
         for splits, encoded, chars in _encoded(_batches(documents, params.seed, params.val_fraction),
                                                model_file, workers):
             for split, ids in zip(splits, encoded):
-                writers[split].add_document(ids)
+                writers[split].add_document(ids, document)
+                document += 1
                 tokens += len(ids) + 1
             bar.update(chars)
             bar.set_postfix(docs=totals.documents, tokens=tokens, refresh=False)

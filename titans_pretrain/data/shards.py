@@ -97,7 +97,7 @@ class _HashingWriter:
 
 def read_shard(path: Path, *, sample_len: int, dtype: np.dtype, expected_samples: int,
                expected_sha256: str | None = None) -> np.ndarray:
-    """Read a whole shard into a `[samples, sample_len]` array, checking it against the manifest.
+    """Read a whole local shard into a `[samples, sample_len]` array, checking it against the manifest.
 
     Raises `ShardError` naming the shard when it is missing, its checksum differs, it cannot be
     parsed, or its samples do not have the recorded count and length.
@@ -107,6 +107,14 @@ def read_shard(path: Path, *, sample_len: int, dtype: np.dtype, expected_samples
     except OSError as exc:
         raise ShardError(f"shard {path} cannot be read ({exc.strerror or exc}); re-run `prepare` "
                          f"or set data.on_corrupt=skip to go on without it") from exc
+    return parse_shard(data, str(path), sample_len=sample_len, dtype=dtype,
+                       expected_samples=expected_samples, expected_sha256=expected_sha256)
+
+
+def parse_shard(data: bytes, name: str, *, sample_len: int, dtype: np.dtype, expected_samples: int,
+                expected_sha256: str | None = None) -> np.ndarray:
+    """The samples of a shard's bytes (read from anywhere: `name` is its path or URL), checked."""
+    path = name
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ShardError(f"shard {path} is corrupt: its sha256 differs from manifest.json; "
                          f"re-run `prepare` or set data.on_corrupt=skip to go on without it")

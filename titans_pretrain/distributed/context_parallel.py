@@ -38,8 +38,8 @@ from titans_pretrain.models.memory import MemoryLayerState
 from titans_pretrain.models.memory_ops import MemoryState
 from titans_pretrain.models.titans import upcast
 
-__all__ = ["ContextParallel", "RelayStats", "apply_context_parallel", "flatten_state", "unflatten_state",
-           "check_cp_layout"]
+__all__ = ["ContextParallel", "RelayStats", "apply_context_parallel", "blocks_of", "flatten_state",
+           "unflatten_state"]
 
 _SLOTS = 64  # tags per (block, call, piece): more than the tensors of any block state
 _CALLS = 64  # calls of a block told apart by tag: micro-batches a pipeline keeps in flight, and more
@@ -296,23 +296,14 @@ class _Send(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ applying it
-def check_cp_layout(seq_len: int, cp: int, unit: int, variant: str) -> None:
-    """Each slice must start on the blocks' unit grid, or the relayed result would differ."""
-    what = "MAC segment (model.segment_len)" if variant == "mac" else "memory chunk (model.chunk_size)"
-    if seq_len % cp:
-        raise ValueError(f"data.seq_len={seq_len} is not divisible by parallel.cp={cp}: every rank of a "
-                         "context-parallel group holds an equal slice; change seq_len or cp")
-    if (seq_len // cp) % unit:
-        raise ValueError(
-            f"parallel.cp={cp} gives slices of {seq_len // cp} tokens, which would split a {what} of "
-            f"{unit} tokens across ranks: each slice must be a multiple of {unit}. Use a cp that "
-            f"divides {seq_len // unit} (the number of {unit}-token units per sequence)")
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The Titans blocks of a TitansLM (a ModuleList) or of a pipeline stage (a ModuleDict)."""
+    blocks = model.blocks
+    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
     """Relay every block's state through ``cp`` in training calls (``block(x)``)."""
-    from titans_pretrain.distributed.parallelize import blocks_of
-
     for index, block in enumerate(blocks_of(model)):
         block.forward = _RelayedForward(block.forward, index, cp)
 

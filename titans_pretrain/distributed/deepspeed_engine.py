@@ -13,6 +13,9 @@ non-finite step is detected, counted and aborts after `train.max_bad_steps`, but
 """
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from torch import nn
 
 from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
-from titans_pretrain.train.engine import StepResult, mean_over_dp, use_bf16
+from titans_pretrain.distributed.precision import use_bf16
+from titans_pretrain.train.engine import StepResult, mean_over_dp
 from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
                                          restore_schedule)
 
@@ -167,10 +171,53 @@ class DeepSpeedEngine:
         return None
 
     def load(self, folder: Path, dp_size_saved: int | None = None) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        """Load a checkpoint; one written on another data-parallel size goes through DeepSpeed's
+        universal checkpoint (`ds_to_universal`, run once by rank 0 into a temporary folder beside
+        the checkpoint, removed after loading), which re-partitions weights and optimizer state."""
+        if dp_size_saved is None:
+            meta = folder / "trainer.json"
+            dp_size_saved = json.loads(meta.read_text()).get("dp_size") if meta.is_file() else None
+        if dp_size_saved in (None, self.dims.dp_size):
+            path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load {folder}/{TAG}")
+            return
+        universal = folder.parent / f".{folder.name}.universal"
+        rank = torch.distributed.get_rank()
+        error = torch.zeros(1)
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                   "--input_folder", str(folder / TAG), "--output_folder",
+                                   str(universal / TAG), "--num_extract_workers", "1",
+                                   "--num_merge_workers", "1"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                error += 1
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                message = f"ds_to_universal failed on {folder / TAG}: {tail[0]}"
+        torch.distributed.all_reduce(error)
+        if error.item():
+            if rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
+            raise RuntimeError(message if rank == 0 else f"ds_to_universal failed on {folder / TAG} "
+                               "(rank 0 says why)")
+        self.engine._config.load_universal_checkpoint = True  # read at load time only
+        try:
+            path, _ = self.engine.load_checkpoint(str(universal), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+            torch.distributed.barrier()
+            if rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {folder}/{TAG}")
+            raise RuntimeError(f"DeepSpeed could not load the universal form of {folder}/{TAG}")
+        # ZeRO-3's universal load gives every sub-group's state one shared `step` tensor; AdamW
+        # increments it in place once per sub-group, so the bias correction would run ahead.
+        for state in self.scheduler.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     def scheduler_state(self) -> dict:
         return self.scheduler.state_dict()

@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from titans_pretrain.config import ParallelConfig
-from titans_pretrain.distributed.context_parallel import ContextParallel, apply_context_parallel
+from titans_pretrain.distributed.context_parallel import (ContextParallel, apply_context_parallel,
+                                                          blocks_of)
 from titans_pretrain.distributed.meta_init import is_meta, materialize
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.models import TitansLM
@@ -22,12 +23,6 @@ from titans_pretrain.models import TitansLM
 
 def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The Titans blocks of a TitansLM (a ModuleList) or of a pipeline stage (a ModuleDict)."""
-    blocks = model.blocks
-    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

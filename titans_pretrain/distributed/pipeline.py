@@ -35,6 +35,8 @@ from torch.distributed.tensor import DTensor
 
 from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
+from titans_pretrain.distributed.precision import autocast
+from titans_pretrain.models.flops import flops_per_token
 
 if TYPE_CHECKING:  # pragma: no cover
     from titans_pretrain.distributed.context_parallel import ContextParallel
@@ -48,8 +50,6 @@ _SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": 
 def layer_costs(model: nn.Module, seq_len: int) -> tuple[float, float, float]:
     """Per-token training FLOPs of (embedding, one block, final norm + LM head): the cost estimate
     that balances stages. Blocks of one model are identical, so one number covers them."""
-    from titans_pretrain.train.flops import flops_per_token
-
     cfg = model.config
     head = 6.0 * cfg.d_model * cfg.vocab_size
     block = (flops_per_token(model, cfg, seq_len) - head) / cfg.n_layers
@@ -187,7 +187,6 @@ class Pipeline:
 
     def _run(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
         from titans_pretrain.distributed.tensor_parallel import loss_context
-        from titans_pretrain.train.engine import autocast
 
         ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
         labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)

@@ -43,11 +43,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
 
+from titans_pretrain.config import check_tp_model
 from titans_pretrain.models.attention import Attention
 from titans_pretrain.models.memory import CausalDepthwiseConv, MemoryLayer
 from titans_pretrain.models.norms import RMSNorm
 
-__all__ = ["apply_tensor_parallel", "check_tp_model", "loss_context", "parallelize_block",
+__all__ = ["apply_tensor_parallel", "loss_context", "parallelize_block",
            "parallelize_embedding", "parallelize_head"]
 
 # DTensor warns on every 2-D (dp_shard x tp) norm reduction that two collectives run instead of one:
@@ -55,23 +56,6 @@ __all__ = ["apply_tensor_parallel", "check_tp_model", "loss_context", "paralleli
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 _MEMORY_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "theta_proj", "eta_proj", "alpha_proj")
-
-
-def check_tp_model(config, tp: int, seq_len: int | None = None) -> None:
-    """Raise ValueError naming the key and the fix when the model cannot be split ``tp`` ways."""
-    if tp == 1:
-        return
-    need = {"model.n_heads": config.n_heads, "model.vocab_size": config.vocab_size,
-            "model.mlp_hidden (resolved)": config.resolved_mlp_hidden}
-    if seq_len is not None:
-        need["data.seq_len (sequence parallel)"] = seq_len
-    for key, value in need.items():
-        if value % tp:
-            raise ValueError(f"{key} = {value} is not divisible by parallel.tp = {tp}; pick a tp that "
-                             f"divides it (or change {key.split(' ')[0]})")
-    if config.tie_embeddings:
-        raise ValueError("model.tie_embeddings=true is not supported with parallel.tp > 1 (the embedding "
-                         "and the LM head shard the shared table differently); set one of them off")
 
 
 def loss_context(tp: int):

@@ -1,4 +1,4 @@
-"""`titans-pretrain eval CHECKPOINT --task ppl needle streaming [options]`.
+"""`titans-pretrain eval CHECKPOINT --task ppl needle streaming lm-eval [options]`.
 
 Loads any checkpoint with `titans_pretrain.load_checkpoint` (one process), finds the run's
 tokenizer and validation shards through the `data.path` of the checkpoint's `config.yaml` (or
@@ -7,9 +7,13 @@ tokenizer and validation shards through the `data.path` of the checkpoint's `con
 * `ppl`: perplexity at several context lengths and the per-position loss curve (`loss_by_position.png`);
 * `needle`: pass-key / number / word needle grids, depth x length (`needle_<task>.png`);
 * `streaming`: streams `--stream-tokens` tokens through the model state, reporting tokens/s, RSS
-  (and CUDA peak memory) and state size along the way, to show memory stays flat.
+  (and CUDA peak memory) and state size along the way, to show memory stays flat;
+* `lm-eval`: zero-shot tasks through lm-evaluation-harness on the Hugging Face export
+  (`titans_pretrain.eval.harness`; the offline tasks of `titans_pretrain.eval.lm_eval_tasks` by default).
 
 Every task streams its inputs piece by piece (`--piece-len`), so lengths are not bounded by memory.
+`results.json` accumulates: each run merges its tasks into the file already in `--out` (see
+:func:`merge_results`), so tasks run one at a time end up side by side.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 
 __all__ = ["add_arguments", "run"]
 
-TASK_NAMES = ("ppl", "needle", "streaming")
+TASK_NAMES = ("ppl", "needle", "streaming", "lm-eval")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="context lengths (default: 1, 2, 4, 8 x the training seq_len, as far as the val split holds)")
     g.add_argument("--ppl-streams", type=int, default=8, help="validation streams to average over")
     g.add_argument("--split", default="val", help="dataset split for ppl")
+    g = parser.add_argument_group("lm-eval")
+    g.add_argument("--lm-eval-tasks", nargs="+", default=None,
+                   help="lm-evaluation-harness task names (default: the shipped offline tasks titans_cloze "
+                        "titans_stdlib_ppl titans_complete_line)")
+    g.add_argument("--include-path", action="append", default=[],
+                   help="a folder of lm-eval task YAMLs (repeatable); the shipped tasks are always included")
+    g.add_argument("--limit", type=int, default=None, help="at most this many documents per lm-eval task")
     g = parser.add_argument_group("streaming")
     g.add_argument("--stream-tokens", type=int, default=1_000_000, help="tokens to stream")
     g.add_argument("--stream-batch", type=int, default=1, help="sequences streamed side by side")
@@ -101,6 +112,51 @@ def _finite(obj):
     return obj
 
 
+def merge_results(old: dict | None, new: dict) -> dict:
+    """``results.json`` after a run: ``new``'s entries on top of ``old``'s, at the finest level that
+    is independent of the rest of a run (a perplexity length, a needle task, an lm-eval task), so
+    separate runs add up; ``runs`` lists every run. The per-position curve and ``streaming`` are
+    whole measurements: the newest replaces them."""
+    if old is None:
+        return dict(new, runs=list(new.get("runs", [])))
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("ppl", "needle", "lm_eval", "runs")}}
+    merged["runs"] = list(old.get("runs", [])) + list(new.get("runs", []))
+    for key in ("needle", "lm_eval"):
+        if key in new:
+            merged[key] = {**old.get(key, {}), **new[key]}
+    if "ppl" in new:
+        by_length = {**_ppl_by_length(old.get("ppl")), **_ppl_by_length(new["ppl"])}
+        lengths = sorted(by_length, key=int)
+        merged["ppl"] = dict(new["ppl"], lengths=[int(L) for L in lengths],
+                             perplexity=[by_length[L]["perplexity"] for L in lengths],
+                             mean_loss=[by_length[L]["mean_loss"] for L in lengths],
+                             streams_by_length=[by_length[L]["streams"] for L in lengths])
+    return merged
+
+
+def _ppl_by_length(ppl: dict | None) -> dict[str, dict]:
+    if not ppl:
+        return {}
+    streams = ppl.get("streams_by_length") or [ppl.get("streams")] * len(ppl["lengths"])
+    return {str(L): {"perplexity": p, "mean_loss": m, "streams": n}
+            for L, p, m, n in zip(ppl["lengths"], ppl["perplexity"], ppl["mean_loss"], streams)}
+
+
+def _read_results(path: Path, checkpoint: str) -> dict | None:
+    """The ``results.json`` already in the output folder (None if there is none), refused when it
+    belongs to another checkpoint: merging would mix two models' numbers."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path} is not valid JSON ({exc}): move it away or pass another --out") from None
+    if old.get("checkpoint") is None or Path(old["checkpoint"]).resolve() != Path(checkpoint).resolve():
+        raise EvalError(f"{path} holds results of {old.get('checkpoint')!r}, not {checkpoint!r}: pass another "
+                        "--out (results are merged into the file in --out)")
+    return old
+
+
 def _default_out(folder: Path) -> Path:
     if folder.parent.name == "checkpoints":
         return folder.parent.parent / "eval" / folder.name
@@ -110,7 +166,7 @@ def _default_out(folder: Path) -> Path:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from titans_pretrain import load_checkpoint
+    from titans_pretrain.train.checkpoint import load_checkpoint
     from titans_pretrain.train.checkpoint import checkpoint_config, resolve_checkpoint_path
 
     try:
@@ -129,8 +185,12 @@ def _run(args: argparse.Namespace) -> int:
 
     c = model.config
     piece_len = args.piece_len or default_piece_len(model, args.batch_size)
+    previous = _read_results(out / "results.json", str(folder))
     results: dict = {
         "checkpoint": str(folder), "device": str(device), "piece_len": piece_len,
+        "runs": [{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tasks": list(args.task),
+                  "options": {k: v for k, v in sorted(vars(args).items())
+                              if not k.startswith("_") and k != "command"}}],
         "model": {"variant": c.variant, "use_memory": c.use_memory, "params": model.num_params(),
                   "d_model": c.d_model, "n_layers": c.n_layers, "segment_len": c.segment_len,
                   "window": c.window, "chunk_size": c.chunk_size, "attention_span": attention_span(c),
@@ -141,7 +201,8 @@ def _run(args: argparse.Namespace) -> int:
         f"pieces of {piece_len} tokens -> {out}")
 
     manifest = tokenizer = None
-    if "ppl" in args.task or ("needle" in args.task and args.tokenizer is None):
+    needs_tokenizer = "needle" in args.task or "lm-eval" in args.task
+    if "ppl" in args.task or (needs_tokenizer and args.tokenizer is None):
         from titans_pretrain.data.manifest import load_manifest
 
         data = _dataset_path(folder, cfg, args.data)
@@ -150,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
         except FileNotFoundError as exc:
             raise EvalError(f"{exc}. The checkpoint's data.path is {cfg.data.path!r}; pass --data DIR "
                             f"(a prepared dataset) and/or --tokenizer FILE.model") from None
-    if "needle" in args.task:
+    if needs_tokenizer:
         from titans_pretrain.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(args.tokenizer or manifest.tokenizer_path)
@@ -204,6 +265,23 @@ def _run(args: argparse.Namespace) -> int:
             log(f"[needle] {task}: mean accuracy {grid.mean_accuracy:.3f}")
             figures.append((f"needle_{task}.png", "heatmap", grid))
 
+    if "lm-eval" in args.task:
+        from titans_pretrain.eval.harness import run_lm_eval
+        from titans_pretrain.eval.lm_eval_tasks import TASK_NAMES as SHIPPED, write_tasks
+
+        shipped = out / "lm_eval" / "tasks"
+        write_tasks(shipped)
+        t0 = time.perf_counter()
+        try:
+            results["lm_eval"] = run_lm_eval(
+                model, tokenizer.model_file, args.lm_eval_tasks or list(SHIPPED),
+                work_dir=out / "lm_eval", trained_context=cfg.data.seq_len,
+                include_paths=[shipped, *args.include_path], batch_size=args.batch_size, limit=args.limit,
+                device=str(device), log=log)
+        except (ImportError, ValueError) as exc:
+            raise EvalError(str(exc)) from None
+        log(f"[lm-eval] {time.perf_counter() - t0:.1f} s")
+
     if "streaming" in args.task:
         from dataclasses import asdict
 
@@ -215,7 +293,10 @@ def _run(args: argparse.Namespace) -> int:
         points = stream_benchmark(model, total, piece_len, marks, batch=args.stream_batch, seed=args.seed, log=log)
         results["streaming"] = {"tokens": total, "batch": args.stream_batch, "points": [asdict(p) for p in points]}
 
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+    results = merge_results(previous, _finite(results))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    tmp.replace(out / "results.json")
     from titans_pretrain.eval.plots import MISSING, have_matplotlib, plot_loss_curve, plot_needle_heatmap
 
     if figures and not have_matplotlib():
@@ -233,6 +314,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        print(f"eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
+    missing = [p for p in args.include_path if not Path(p).is_dir()]
+    if missing:
+        print(f"eval: --include-path {missing[0]} is not a folder (of lm-eval task YAMLs)", file=sys.stderr)
+        return 2
     for name in ("samples", "batch_size", "ppl_streams", "stream_tokens", "stream_batch"):
         if getattr(args, name) < 1:
             print(f"eval: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)

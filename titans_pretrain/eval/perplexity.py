@@ -2,9 +2,11 @@
 
 Validation samples are consecutive pieces of the packed token stream (``prepare`` cuts it into
 rows in order), so concatenating them rebuilds long stretches of real text longer than the
-training length. Each stream is evaluated once, by streaming, up to the longest length asked
-for: the model is causal, so the loss at position ``t`` does not depend on what follows, and the
-perplexity "at context length L" is ``exp(mean loss over positions < L)``. The per-position curve
+training length. Each length ``L`` has its own streams: the first ``max_streams`` pieces of
+``L + 1`` tokens of the split, evaluated by streaming, and the perplexity "at context length L" is
+``exp(mean loss over all L positions)``. So the number at ``L`` depends only on ``(L, max_streams,
+split)``, never on which other lengths are asked for in the same run (shared streams cut at the
+longest length would change with it), and results of separate runs can be merged. The per-position curve
 (mean loss in log-spaced position bins) shows whether loss keeps falling past the attention span,
 which is what a working long-term memory buys.
 """
@@ -65,9 +67,10 @@ class PerplexityResult:
     lengths: list[int]
     perplexity: list[float]
     mean_loss: list[float]
-    bins: list[tuple[int, int]]  # position bins of the curve
+    bins: list[tuple[int, int]]  # position bins of the curve (the longest length's streams)
     bin_loss: list[float]
-    streams: int
+    streams: int  # streams of the curve
+    streams_by_length: list[int]
     attention_span: int
     piece_len: int
     first_nonfinite: int | None  # first position whose loss is NaN/inf in any stream (state overflow)
@@ -78,19 +81,24 @@ class PerplexityResult:
 
 def evaluate_perplexity(model, manifest: Manifest, lengths: list[int], *, max_streams: int = 8,
                         piece_len: int, batch_size: int = 4, split: str = "val") -> PerplexityResult:
-    """Stream ``max_streams`` validation streams of ``max(lengths)`` tokens and summarise."""
+    """Perplexity at each length from that length's own streams; the curve from the longest's."""
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be positive token counts, got {lengths}")
-    longest = max(lengths)
-    streams = val_streams(manifest, longest, max_streams, split)
-    losses = torch.cat([token_losses(model, streams[i:i + batch_size], piece_len)[0]
-                        for i in range(0, streams.shape[0], batch_size)])
-    per_position = losses.double().mean(dim=0)
-    bad = (~torch.isfinite(per_position)).nonzero()
-    mean = [per_position[:L].mean().item() for L in sorted(lengths)]
-    bins = position_bins(longest)
+    lengths = sorted(set(lengths))
+    mean, counts, per_position, first_bad = [], [], None, None
+    for L in lengths:
+        streams = val_streams(manifest, L, max_streams, split)
+        losses = torch.cat([token_losses(model, streams[i:i + batch_size], piece_len)[0]
+                            for i in range(0, streams.shape[0], batch_size)])
+        per_position = losses.double().mean(dim=0)
+        bad = (~torch.isfinite(per_position)).nonzero()
+        if bad.numel() and (first_bad is None or int(bad[0]) < first_bad):
+            first_bad = int(bad[0])
+        mean.append(per_position.mean().item())
+        counts.append(streams.shape[0])
+    bins = position_bins(lengths[-1])
     return PerplexityResult(
-        lengths=sorted(lengths), mean_loss=mean, perplexity=[math.exp(m) for m in mean], bins=bins,
-        bin_loss=[per_position[a:b].mean().item() for a, b in bins], streams=streams.shape[0],
-        attention_span=attention_span(model.config), piece_len=piece_len,
-        first_nonfinite=int(bad[0]) if bad.numel() else None)
+        lengths=lengths, mean_loss=mean, perplexity=[math.exp(m) for m in mean], bins=bins,
+        bin_loss=[per_position[a:b].mean().item() for a, b in bins], streams=counts[-1],
+        streams_by_length=counts, attention_span=attention_span(model.config), piece_len=piece_len,
+        first_nonfinite=first_bad)

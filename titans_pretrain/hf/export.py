@@ -3,8 +3,9 @@
 What a folder holds (all written here):
 
 * ``config.json``: ``model_type: "titans"``, every ``TitansConfig`` hyper-parameter as a flat key,
-  ``auto_map``, the special token ids, and ``titans_run_config`` (the training run's config, which
-  the reverse conversion uses to continue training);
+  ``auto_map``, the special token ids, ``max_position_embeddings`` (the trained context), and
+  ``titans_run_config`` (the training run's config, which the reverse conversion uses to continue
+  training);
 * ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus an index past ``max_shard_size``;
 * ``generation_config.json`` (greedy by default, EOS stops);
 * ``configuration_titans.py``, ``modeling_titans.py`` (the model's own source bundled into one file,
@@ -58,8 +59,13 @@ def _write_tokenizer(out: Path, tokenizer_file: Path, special: dict[str, tuple[s
 
 def export_model(model, out_dir: str | Path, *, tokenizer_file: str | Path | None = None,
                  dtype: str = "float32", max_shard_size: str | int = "5GB",
-                 run_config: dict[str, Any] | None = None, prefill_chunk: int = 2048) -> Path:
-    """Write ``model`` (a ``TitansLM``, left unchanged) as a Hugging Face folder at ``out_dir``."""
+                 run_config: dict[str, Any] | None = None, prefill_chunk: int = 2048,
+                 max_position_embeddings: int | None = None) -> Path:
+    """Write ``model`` (a ``TitansLM``, left unchanged) as a Hugging Face folder at ``out_dir``.
+
+    ``max_position_embeddings`` is the trained context (default: ``run_config``'s ``data.seq_len``):
+    where extrapolation starts. Clients such as lm-evaluation-harness cut their inputs to it; the
+    model itself streams past it unchanged."""
     from transformers import GenerationConfig
 
     from titans_pretrain.hf.configuration_titans import TitansHFConfig
@@ -67,13 +73,20 @@ def export_model(model, out_dir: str | Path, *, tokenizer_file: str | Path | Non
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    if max_position_embeddings is None and run_config is not None:
+        max_position_embeddings = (run_config.get("data") or {}).get("seq_len")
+    if max_position_embeddings is not None and (not isinstance(max_position_embeddings, int)
+                                                or max_position_embeddings < 1):
+        raise ValueError(f"max_position_embeddings={max_position_embeddings!r}: the trained context must be a "
+                         "positive token count (the run's data.seq_len)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special = _special_tokens(Path(tokenizer_file)) if tokenizer_file is not None else {}
     ids = {f"{name}_id": idx for name, (_, idx) in special.items() if name != "unk_token"}
     hf_config = TitansHFConfig(**dataclasses.asdict(model.config), prefill_chunk=prefill_chunk,
                                architectures=["TitansForCausalLM"], auto_map=dict(AUTO_MAP),
-                               titans_run_config=run_config, **ids)
+                               titans_run_config=run_config, max_position_embeddings=max_position_embeddings,
+                               **ids)
     target = DTYPES[dtype]
     native = model if next(model.parameters()).dtype == target else copy.deepcopy(model).to(target)
     with torch.device("meta"):  # the wrapper's own TitansLM is replaced at once: never allocated

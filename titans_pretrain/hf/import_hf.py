@@ -127,7 +127,9 @@ def write_start_checkpoint(model, cfg, run_dir: str | Path, *, source: str, log=
                               "them, not from this import: choose a new run_dir")
 
     manifest = ensure_dataset(cfg, log=log)
-    loader = make_loader(manifest, cfg, "train", 0, 1)
+    # the stream's position is layout-free: the global batch alone fixes it (any dp size resumes it)
+    loader = make_loader(manifest, cfg, "train", 0, 1,
+                         global_batch=cfg.train.global_batch_tokens // cfg.data.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     msd, osd = get_state_dict(model, optimizer)

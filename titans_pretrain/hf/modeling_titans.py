@@ -12,6 +12,11 @@ pieces of ``config.prefill_chunk`` tokens, so a long prompt runs in bounded memo
 Conventions that differ from the native model (they follow transformers): ``labels`` are *unshifted*
 (``labels = input_ids`` trains next-token prediction; the model shifts them), and ``forward`` returns
 a cache only when one is passed in or ``use_cache=True``.
+
+Padded batches (``attention_mask`` with zeros, any side) go through the native ``forward_padded``:
+each row's real tokens run alone through its own state, so every real position gets the logits of
+its sequence run alone (chunk and segment boundaries included); pad positions get zero logits. The
+cache then holds one state per row, and such a batch runs one row at a time.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from titans_pretrain.hf.configuration_titans import TitansHFConfig
+from titans_pretrain.models.generation import forward_padded
 from titans_pretrain.models.titans import TitansConfig, TitansLM, TitansState
 
 __all__ = ["TitansCache", "TitansCausalLMOutput", "TitansForCausalLM", "TitansHFConfig", "titans_config_from_hf"]
@@ -59,31 +65,51 @@ class TitansCache:
     Not a ``transformers.Cache`` subclass on purpose: the state is not a per-layer key/value list,
     and duck typing keeps this file independent of that class's changing internals. It offers what
     generation reads: the number of tokens seen, ``is_linear`` (nothing to slice by position) and
-    ``reorder_cache`` for beam search. A cache passed to ``forward`` is advanced in place."""
+    ``reorder_cache`` for beam search. A cache passed to ``forward`` is advanced in place.
+
+    After a padded batch it holds ``rows`` (one state per row, each over that row's real tokens
+    only) instead of ``state``, and counts the columns seen, pads included, as generation does."""
 
     is_compileable = False
     is_croppable = False
 
     def __init__(self, state: TitansState | None = None):
         self.state = state
+        self.rows: list[TitansState | None] | None = None
+        self.columns = 0  # columns seen, pads included (kept for ``rows``)
 
     @property
     def is_linear(self) -> list[bool]:
         return [True]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens consumed so far (the next token's position)."""
+        """Tokens (padded batch: columns) consumed so far (the next token's column)."""
+        if self.rows is not None:
+            return self.columns
         if self.state is None:
             return 0
         return int(self.state.position) + int(self.state.pending.shape[1])
 
+    def split_rows(self, batch_size: int) -> None:
+        """Switch to one state per row (a padded input follows); rows are independent, so this is exact."""
+        if self.rows is not None:
+            return
+        seen = self.get_seq_length()
+        if self.state is None:
+            self.rows = [None] * batch_size
+        else:
+            self.rows = [_map_tensors(self.state, lambda t, b=b: t[b:b + 1]) for b in range(batch_size)]
+        self.state, self.columns = None, seen
+
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Select/reorder the batch rows (beam search)."""
-        if self.state is not None:
+        if self.rows is not None:
+            self.rows = [self.rows[i] for i in beam_idx.tolist()]  # states are never changed in place
+        elif self.state is not None:
             self.state = _map_tensors(self.state, lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def __repr__(self) -> str:
-        return f"TitansCache(seen={self.get_seq_length()})"
+        return f"TitansCache(seen={self.get_seq_length()}{', per row' if self.rows is not None else ''})"
 
 
 @dataclass
@@ -161,23 +187,25 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         """Logits for ``input_ids`` ``(B, T)`` continuing ``cache`` (if any).
 
         ``logits_to_keep=k > 0`` returns only the last ``k`` positions' logits (generation asks for
-        1). ``attention_mask`` may only be all ones: a Titans memory would absorb padding tokens, so
-        batch prompts of equal length (or one at a time). Extra HF kwargs (``position_ids``,
-        ``output_attentions``, ...) are accepted and ignored: positions come from the cache."""
+        1). ``attention_mask`` ``(B, T)``, or ``(B, seen + T)`` with a cache as generation passes it,
+        marks pads with 0: a padded batch runs each row's real tokens alone (module docstring), pad
+        positions get zero logits. Extra HF kwargs (``position_ids``, ``output_attentions``, ...) are
+        accepted and ignored: positions come from the cache (per row: from its real tokens)."""
         if inputs_embeds is not None:
             raise ValueError("TitansForCausalLM takes input_ids, not inputs_embeds")
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError("TitansForCausalLM.forward needs input_ids of shape (batch, seq) with seq >= 1 "
                              "(with a cache: the tokens it has not seen yet)")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("attention_mask has zeros: padding is not supported (the memory would absorb "
-                             "the pad tokens); use prompts of equal length or generate one prompt at a time")
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, TitansCache):
             raise TypeError(f"cache must be a TitansCache (returned by this model), got {type(cache).__name__}")
         if use_cache is None:
             use_cache = cache is not None
-        if use_cache:
+        mask = self._new_tokens_mask(input_ids, attention_mask, cache if use_cache else None)
+        if mask is not None or (use_cache and cache is not None and cache.rows is not None):
+            logits, cache = self._forward_padded(input_ids, mask, cache if use_cache else None, logits_to_keep,
+                                                 use_cache)
+        elif use_cache:
             logits, cache = self._forward_streaming(input_ids, cache, logits_to_keep)
         else:
             logits = self.model(input_ids).logits
@@ -216,3 +244,40 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         else:
             cache.state = state
         return torch.cat(kept, dim=1), cache
+
+    @staticmethod
+    def _new_tokens_mask(input_ids: Tensor, attention_mask: Tensor | None, cache: TitansCache | None) -> Tensor | None:
+        """The mask of ``input_ids``' own columns when it has zeros (a padded batch), else None."""
+        if attention_mask is None:
+            return None
+        B, T = input_ids.shape
+        seen = 0 if cache is None else cache.get_seq_length()
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, seen + T):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (batch, seq) = ({B}, {T}), or "
+                             f"({B}, {seen + T}) covering the {seen} columns in the cache as well")
+        if cache is not None and cache.rows is None and attention_mask.shape[1] == seen + T \
+                and not bool(attention_mask[:, :seen].all()):
+            raise ValueError("attention_mask has zeros over columns this cache consumed as real tokens: pass the "
+                             "mask with the first call as well (the cache then runs each row on its own)")
+        mask = attention_mask[:, -T:]
+        return None if bool(mask.all()) else mask
+
+    def _forward_padded(self, input_ids: Tensor, mask: Tensor | None, cache: TitansCache | None,
+                        logits_to_keep: int, use_cache: bool) -> tuple[Tensor, TitansCache | None]:
+        """A padded batch: each row's real tokens alone, through its own state (``forward_padded``)."""
+        B, T = input_ids.shape
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        keep_from = 0 if not logits_to_keep else max(0, T - logits_to_keep)
+        unit = self.model.config.unit
+        piece = max(unit, int(getattr(self.config, "prefill_chunk", 2048)) // unit * unit)
+        if not use_cache:
+            logits, _ = forward_padded(self.model, input_ids, mask, None, keep_from=keep_from, piece_len=piece)
+            return logits, None
+        if cache is None:
+            cache = TitansCache()
+        cache.split_rows(B)
+        logits, cache.rows = forward_padded(self.model, input_ids, mask, cache.rows, keep_from=keep_from,
+                                            piece_len=piece)
+        cache.columns += T
+        return logits, cache

@@ -5,7 +5,7 @@ One module, two ways to call it:
 * :meth:`Attention.sliding` (MAG, MAL): causal attention over a window of the last ``window`` tokens
   (the query itself included), with an optional :class:`KVCache` that carries the last
   ``window - 1`` keys and values across calls, so streaming costs O(window) memory.
-* :meth:`Attention.segment` (MAC, titans-method.md §4): queries are the tokens of one segment, keys
+* :meth:`Attention.segment` (MAC, docs/method.md §4): queries are the tokens of one segment, keys
   and values are ``[persistent | h | segment]`` where ``h`` is the memory's read for the segment;
   query ``i`` sees every persistent token, ``h_j`` and ``x_j`` for ``j <= i``, nothing outside.
 

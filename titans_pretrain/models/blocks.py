@@ -1,4 +1,4 @@
-"""The four Titans blocks (titans-method.md §4): MAC, MAG, MAL and LMM.
+"""The four Titans blocks (docs/method.md §4): MAC, MAG, MAL and LMM.
 
 Every block is pre-norm with residual connections and ends with a SwiGLU MLP. A block is called as
 ``block(x)`` for training (returns ``x``) or ``block(x, state, return_state=True)`` for streaming

@@ -1,4 +1,4 @@
-"""The neural long-term memory as a layer (titans-method.md §1, paper §3.1 and §4.4).
+"""The neural long-term memory as a layer (docs/method.md §1, paper §3.1 and §4.4).
 
 Input path, per stream (q, k, v): linear projection -> causal depthwise conv -> SiLU, then q and k
 are l2-normalised per head. Gates come from the layer input, per token and per head:

@@ -15,7 +15,7 @@ tokens every ``u_t`` is taken at the chunk-start weights. Two implementations of
 
 * :func:`memory_recurrent` walks token by token, materialising the weights after every token. It is
   slow and obviously right: the reference.
-* :func:`memory_chunked` is the dual form (titans-method.md §2): per chunk, the key-path forward and
+* :func:`memory_chunked` is the dual form (docs/method.md §2): per chunk, the key-path forward and
   the closed-form inner backward at the chunk-start weights, then every token's read through
   ``b x b`` coefficient matrices, without per-token weight copies.
 

@@ -46,20 +46,14 @@ class TitansConfig:
     ``alpha_bias = -6`` (forgetting ~0.0025 per token) start with little forgetting, as the paper
     advises; ``theta_bias = -1`` starts theta at ~0.27 theta_max.
 
-    **Stability** (docs/training.md, "Memory stability"). The inner loss is summed over the value
-    dimension, a chunk's surprises are all taken at its start weights and per-token momentum
-    integrates each for ~``1 / (1 - eta)`` tokens, so a chunk of aligned keys moves the memory by up to
-    ``theta * chunk_size / (1 - eta)`` times the inner curvature; a deep memory's curvature grows with
-    its own weights. Past ~2 the inner descent overshoots and the memory diverges chunk by chunk: the
-    paper-shape presets (chunk 64) did so within 20 steps of training at lr 4e-4, and the demo model
-    with ``theta_max`` 0.01. Capping ``theta_max`` (0.003 here) only moves that edge. So every token's
+    **Stability** (docs/training.md, "Memory stability", has the measurements). A chunk of aligned
+    keys moves the memory by up to ``theta * chunk_size / (1 - eta)`` times the inner curvature, and
+    past ~2 the inner descent overshoots and the memory diverges chunk by chunk. So every token's
     surprise is clipped to norm ``surprise_clip`` (a per-token scale of theta, exact in the dual form
     and the kernels): the memory moves by at most ``theta_max * surprise_clip`` per token, and where
-    surprises are large (the diverging regime) the inner step shrinks with them, which keeps the
-    chunk-to-chunk map contracting; gradients through the memory then stay bounded too. ``0`` is the
-    bare rule (the default of checkpoints written before the key existed, see ``LEGACY_DEFAULTS``).
-    Small models on synthetic tasks learn faster with a larger ``theta_max`` (the tests use up to 0.3
-    on short sequences; ``configs/needle_*.yaml`` 0.2).
+    surprises are large the inner step shrinks with them, which keeps the chunk-to-chunk map
+    contracting. ``0`` is the bare rule (the default of checkpoints written before the key existed,
+    see ``LEGACY_DEFAULTS``).
 
     ``memory_state_interval``: the memory core keeps the chunk-start state of every k-th chunk for
     backward and recomputes the chunks in between (the same numbers for any k; docs/parallelism.md,
@@ -67,38 +61,38 @@ class TitansConfig:
 
     ``mac_output_gate``: MAC's output ``y (x) M(y)`` as ``y * sigmoid(norm(M(u)))`` (``"sigmoid"``,
     the non-linear gate of the paper's §4.2, as MAG) or ``u * M(u)`` (``"product"``, the plain
-    product of earlier versions of this project, which learns much more slowly; see ``MACBlock``).
+    product, which learns much more slowly; see ``MACBlock``).
     """
 
-    variant: str = "mac"
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    head_dim: int | None = None
-    mlp_hidden: int | None = None
-    memory_depth: int = 2
-    memory_expansion: int = 4
-    memory_activation: str = "gelu"
-    chunk_size: int = 64
-    theta_max: float = 0.003
-    surprise_clip: float = 0.3
-    memory_state_interval: int = 4
-    theta_bias: float = -1.0
-    eta_bias: float = 1.0
-    eta_max: float = 0.9
-    alpha_bias: float = -6.0
-    per_chunk_gates: bool = False
-    conv_kernel: int = 4
-    window: int = 512
-    segment_len: int = 256
-    n_persistent: int = 4
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    use_memory: bool = True
-    mac_output_gate: str = "sigmoid"
+    variant: str = "mac"  # mac, mag, mal or lmm (docs/method.md §4)
+    vocab_size: int = 8192  # tokenizer vocabulary size
+    d_model: int = 256  # model width
+    n_layers: int = 4  # blocks
+    n_heads: int = 4  # attention and memory heads
+    head_dim: int | None = None  # per-head width; None = d_model / n_heads
+    mlp_hidden: int | None = None  # SwiGLU hidden width; None = about 8/3 d_model
+    memory_depth: int = 2  # layers of the memory MLP (1 = a linear memory)
+    memory_expansion: int = 4  # memory MLP hidden width = memory_expansion x head_dim
+    memory_activation: str = "gelu"  # the memory MLP's activation
+    chunk_size: int = 64  # tokens per chunk of the memory's chunked update (surprises at the chunk start)
+    theta_max: float = 0.003  # cap of the inner learning rate theta
+    surprise_clip: float = 0.3  # per-token surprise norm bound; 0 = the bare rule
+    memory_state_interval: int = 4  # keep every k-th chunk-start state for backward, recompute the rest
+    theta_bias: float = -1.0  # initial bias of theta's gate
+    eta_bias: float = 1.0  # initial bias of the momentum gate eta
+    eta_max: float = 0.9  # cap of the momentum eta
+    alpha_bias: float = -6.0  # initial bias of the forgetting gate alpha (very negative: little forgetting)
+    per_chunk_gates: bool = False  # one theta/eta/alpha per chunk instead of per token
+    conv_kernel: int = 4  # causal depthwise convolution width on q, k, v
+    window: int = 512  # sliding-window attention width (MAG, MAL)
+    segment_len: int = 256  # MAC segment length (attention never crosses segments)
+    n_persistent: int = 4  # learned persistent-memory tokens per layer
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share input and output embeddings
+    init_std: float = 0.02  # standard deviation of the weight initialisation
+    use_memory: bool = True  # False = the same blocks without the memory (an ablation; not for lmm)
+    mac_output_gate: str = "sigmoid"  # MAC's output: sigmoid (gated, normed) or product (y * M(y))
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -277,10 +271,12 @@ class TitansLM(nn.Module):
 
     # ------------------------------------------------------------------------------- generation
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, state: TitansState | None = None, *,
-                 generator: torch.Generator | None = None, return_state: bool = False):
-        """Continue ``input_ids`` by ``max_new_tokens`` tokens; see :func:`generation.generate`."""
+                 top_k: int | None = None, state: TitansState | list | None = None, *,
+                 generator: torch.Generator | None = None, return_state: bool = False,
+                 attention_mask: Tensor | None = None):
+        """Continue ``input_ids`` by ``max_new_tokens`` tokens; see :func:`generation.generate`
+        (``attention_mask`` with zeros: a padded batch, every row continued as if alone)."""
         from titans_pretrain.models.generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, state=state,
-                        generator=generator, return_state=return_state)
+                        generator=generator, return_state=return_state, attention_mask=attention_mask)

@@ -1,11 +1,11 @@
-"""The FLOPs-per-token report: `train/flops.py`'s parts, with the memory's parts summed."""
+"""The FLOPs-per-token report: `models/flops.py`'s parts, with the memory's parts summed."""
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
 
-from titans_pretrain.train.flops import flops_parts
+from titans_pretrain.models.flops import flops_parts
 
 
 def flops_split(model: nn.Module, cfg: Any, seq_len: int) -> dict[str, float]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps run under torch.profiler for the breakdown and trace (default 2; 0 = none)")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/profile)")
     parser.add_argument("--sweep-seq-len", default=None,
-                        help="comma-separated sequence lengths, tokens per step kept fixed, e.g. 128,256,512")
+                        help="comma-separated sequence lengths, tokens per step kept fixed, e.g. 128,256,512; "
+                             "in one process each length runs in a fresh process (clean peak memory)")
+    parser.add_argument("--result-json", default=None, help=argparse.SUPPRESS)  # a sweep's child
 
 
 def parse_lengths(text: str | None) -> list[int]:
@@ -40,28 +45,52 @@ def parse_lengths(text: str | None) -> list[int]:
 
 
 def config_at_length(cfg, seq_len: int):
-    """`cfg` at another sequence length with the same tokens per micro-batch (and so per step)."""
-    from titans_pretrain.config import validate
+    """`cfg` at another sequence length with the same tokens per step (`train.global_batch_tokens`)
+    and, where a sequence fits, per micro-batch; longer sequences take fewer per micro-batch and
+    fewer micro-steps. A length that cannot keep the tokens per step is an error naming the fix."""
+    from titans_pretrain.config import ConfigError, validate
 
     out = copy.deepcopy(cfg)
     tokens_micro = cfg.train.micro_batch_size * cfg.data.seq_len
-    steps_per_global = cfg.train.global_batch_tokens // tokens_micro  # grad accum x dp
     out.data.seq_len = seq_len
     out.train.micro_batch_size = max(1, tokens_micro // seq_len)
-    out.train.global_batch_tokens = out.train.micro_batch_size * seq_len * steps_per_global
+    if cfg.train.global_batch_tokens % (out.train.micro_batch_size * seq_len):
+        raise ConfigError(f"--sweep-seq-len {seq_len}: {cfg.train.global_batch_tokens} tokens per step "
+                          f"(train.global_batch_tokens) are not a whole number of {seq_len}-token "
+                          "sequences; sweep lengths that divide it, or raise train.global_batch_tokens")
     validate(out)
     return out
 
 
+def _sweep_in_fresh_processes(args: argparse.Namespace, lengths: list[int], out: Path) -> tuple[int, list]:
+    """One child process per length: a process's peak memory (and allocator state) would otherwise
+    carry the earlier, smaller lengths into the later ones."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in lengths:
+            result = Path(tmp) / f"T{n}.json"
+            cmd = [sys.executable, "-m", "titans_pretrain", "profile", args.config, *args.overrides,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile-steps",
+                   str(args.profile_steps), "--out", str(out), "--sweep-seq-len", str(n),
+                   "--result-json", str(result)]
+            code = subprocess.run(cmd).returncode
+            if code:
+                return code, []
+            results.append(json.loads(result.read_text()))
+    return 0, results
+
+
 def _summary(r: dict) -> str:
     b = r["breakdown_s"]
-    parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in b.items() if isinstance(v, float) and k != "total")
+    parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in b.items()
+                      if isinstance(v, float) and k not in ("total", "profiled_step"))
     mfu = "n/a (device peak unknown)" if r["mfu"] is None else f"{r['mfu'] * 100:.2f}%"
     return (f"T={r['seq_len']}: {r['tokens_per_s']:,.0f} tokens/s total, "
             f"{r['tokens_per_s_per_device']:,.0f} per device, {r['step_time_s'] * 1e3:.1f} ms/step, "
             f"{r['flops_per_token']['total'] / 1e6:.2f} MFLOPs/token, MFU {mfu}, peak memory "
             f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})"
-            + (f"\n  breakdown per step ({b['basis']}): {parts}" if b else ""))
+            + (f"\n  breakdown per step ({b['basis']}): {parts} (a profiled step took "
+               f"{b['profiled_step'] * 1e3:.1f} ms)" if b else ""))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,25 +107,35 @@ def run(args: argparse.Namespace) -> int:
     from titans_pretrain.profile.runner import profile_config
 
     out = Path(args.out or Path(cfg.run_dir) / "profile")
-    rank_zero = int(__import__("os").environ.get("RANK", "0")) == 0
+    rank_zero = int(os.environ.get("RANK", "0")) == 0
     log = print if rank_zero else (lambda msg: None)
-    results = []
-    try:
-        for c in configs:
-            trace = out / f"trace_T{c.data.seq_len}.pt.trace.json" if rank_zero else None
-            r = profile_config(c, steps=args.steps, warmup=args.warmup, profile_steps=args.profile_steps,
-                               trace_path=trace, log=lambda m: log(m) or sys.stdout.flush())
-            results.append(r.to_dict())
-            log("[profile] " + _summary(results[-1]))
-    except (ConfigError, ValueError) as exc:
-        print(f"profile: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
+    if len(configs) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        code, results = _sweep_in_fresh_processes(args, lengths, out)
+        if code:
+            return code
+    else:
+        results = []
+        try:
+            for i, c in enumerate(configs):
+                trace = out / f"trace_T{c.data.seq_len}.pt.trace.json" if rank_zero else None
+                r = profile_config(c, steps=args.steps, warmup=args.warmup, profile_steps=args.profile_steps,
+                                   trace_path=trace, log=lambda m: log(m) or sys.stdout.flush()).to_dict()
+                if i and r["peak_memory_kind"].startswith("rss"):  # the heap keeps earlier lengths' pages
+                    r["peak_memory_kind"] += " (after earlier sweep lengths in this process)"
+                results.append(r)
+                log("[profile] " + _summary(results[-1]))
+        except (ConfigError, ValueError) as exc:
+            print(f"profile: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            shutdown_distributed()
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(results[0]))
+        return 0
     if rank_zero:
         out.mkdir(parents=True, exist_ok=True)
         report = {"config": args.config, "overrides": list(args.overrides), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "flops_formula": "titans_pretrain/train/flops.py (module docstring)",
+                  "flops_formula": "titans_pretrain/models/flops.py (module docstring)",
                   "breakdown_method": "record_function scopes installed on Attention/MemoryLayer/SwiGLU "
                                       "methods (profile/scopes.py); backward attributed by autograd "
                                       "sequence numbers; optimizer and collectives by torch's own ranges",

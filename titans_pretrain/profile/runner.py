@@ -22,7 +22,7 @@ from titans_pretrain.profile.breakdown import STEP_SCOPE, breakdown
 from titans_pretrain.profile.flops_split import flops_split
 from titans_pretrain.profile.memory import PeakMemory
 from titans_pretrain.profile.scopes import install_scopes
-from titans_pretrain.train.flops import device_peak_flops, mfu
+from titans_pretrain.models.flops import device_peak_flops, mfu
 
 
 @dataclass
@@ -143,8 +143,7 @@ def profile_config(cfg: RunConfig, *, steps: int, warmup: int, profile_steps: in
                 with record_function(STEP_SCOPE):
                     engine.train_step(batches)
                     _sync(device)
-        parts = breakdown(prof.events(), device.type)
-        parts = {k: (v / profile_steps if isinstance(v, float) else v) for k, v in parts.items()}
+        parts = timed_breakdown(breakdown(prof.events(), device.type), profile_steps, step_time, world)
         if trace_path is not None:
             trace_path.parent.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(trace_path))
@@ -157,6 +156,21 @@ def profile_config(cfg: RunConfig, *, steps: int, warmup: int, profile_steps: in
         tokens_per_s_per_device=tps / world, flops_per_token=split,
         mfu=mfu(split["total"], tps, world, peak), peak_flops=peak, peak_memory_bytes=peak_mem,
         peak_memory_kind=mem_kind, breakdown_s=parts, losses=losses, trace=trace)
+
+
+def timed_breakdown(parts: dict, profile_steps: int, step_time: float, world: int) -> dict:
+    """The profiled steps' breakdown as shares of the *timed* step, so the parts add up to the
+    reported ms/step (profiled steps run slower: the profiler's own overhead). In one process no
+    communication can happen: the no-op collectives' time counts as `other`."""
+    per_step = {k: v / profile_steps for k, v in parts.items() if isinstance(v, float)}
+    if world == 1:
+        per_step["other"] += per_step["communication"]
+        per_step["communication"] = 0.0
+    profiled = per_step.pop("total")
+    scale = step_time / profiled if profiled > 0 else 0.0
+    out = {k: v * scale for k, v in per_step.items()}
+    return {"basis": f"{parts['basis']}, shares scaled to the timed step", "total": step_time, **out,
+            "profiled_step": profiled}
 
 
 def _device_name(device: torch.device) -> str:

@@ -12,8 +12,13 @@ from titans_pretrain.config import ConfigError, RunConfig
 def ensure_dataset(cfg: RunConfig, log=print):
     """Return the manifest at `data.path`, preparing the dataset there first if it is missing.
     Rank 0 prepares; the others wait, so the corpus is built exactly once."""
+    from titans_pretrain.data.location import is_url
     from titans_pretrain.data.manifest import check_compatible, load_manifest
 
+    if cfg.data.sources is not None:
+        return _mixture(cfg)
+    if is_url(cfg.data.path):
+        return _remote_dataset(cfg)
     path = Path(cfg.data.path)
     given = cfg.data.tokenizer  # checked on every rank, before rank 0 prepares and the rest wait
     if given and not (path / "manifest.json").is_file() and not Path(given).is_file():
@@ -46,12 +51,108 @@ def ensure_dataset(cfg: RunConfig, log=print):
     return manifest
 
 
-def make_loader(manifest, cfg: RunConfig, split: str, dp_rank: int, dp_size: int):
+def _mixture(cfg: RunConfig):
+    """`data.sources`: every source's manifest, checked; the first one carries the list
+    (`manifest.mixture = (manifests, weights, names)`) for `make_loader` and the metrics."""
+    sources = cfg.data.sources
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError("data.sources must be a non-empty list of {path: ..., weight: ...}")
+    manifests, weights, names = [], [], []
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict) or set(source) - {"path", "weight", "name"} or "path" not in source:
+            raise ConfigError(f"data.sources[{i}]: expected {{path: FOLDER_OR_URL, weight: W, name: N}} "
+                              f"(name optional), got {source!r}")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight must be a positive number, got {weight!r}")
+        path = str(source["path"])
+        if not is_url_or_dataset(path):
+            raise ConfigError(f"data.sources[{i}].path={path} holds no prepared dataset (manifest.json): "
+                              "prepare it first with `titans-pretrain prepare --output` and the same "
+                              "--tokenizer for every source")
+        manifests.append(_remote_dataset(cfg, path, f"data.sources[{i}].path"))
+        weights.append(float(weight))
+        names.append(str(source.get("name") or Path(path.rstrip("/").split("{")[0]).name or f"source{i}"))
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources: names {names} repeat; give each source a distinct name")
+    from titans_pretrain.data.loader import _check_mixture
+
+    try:
+        _check_mixture(manifests, weights)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    manifests[0].mixture = (manifests, weights, names)
+    return manifests[0]
+
+
+def is_url_or_dataset(path: str) -> bool:
+    from titans_pretrain.data.location import is_url
+
+    return is_url(path) or (Path(path) / "manifest.json").is_file()
+
+
+def _remote_dataset(cfg: RunConfig, where: str | None = None, key: str = "data.path"):
+    """The manifest of a dataset at a URL (or of a mixture's source): read, never prepared."""
+    from titans_pretrain.data.location import LocationError
+    from titans_pretrain.data.manifest import check_compatible, load_manifest
+
+    where = cfg.data.path if where is None else where
+    if key == "data.path" and cfg.data.inputs is not None:
+        raise ConfigError(f"data.path={where} is a URL and data.inputs is set: a dataset is prepared "
+                          "into a local folder; run `titans-pretrain prepare`, publish the folder, "
+                          "then train from its URL without data.inputs")
+    try:
+        manifest = load_manifest(where, cache=cfg.data.cache)
+        check_compatible(manifest, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len)
+        if cfg.train.sample_tokens:
+            manifest.tokenizer_path  # fetched and hash-checked now, not at the end of training
+    except (LocationError, ValueError) as exc:
+        text = str(exc)  # location errors already start with "data.path=WHERE"
+        text = f"{key}={text[len('data.path='):]}" if text.startswith("data.path=") else f"{key}={where}: {text}"
+        raise ConfigError(text) from None
+    return manifest
+
+
+def make_loader(manifest, cfg: RunConfig, split: str, dp_rank: int, dp_size: int,
+                global_batch: int | None = None):
+    """This dp rank's loader. `global_batch` (sequences per optimizer step, all ranks) fixes the
+    stream, so every layout sees the same global batches; None: one micro-batch per rank."""
     from titans_pretrain.data.loader import ShardLoader
 
+    mixture = getattr(manifest, "mixture", None)
+    if mixture is not None:
+        return ShardLoader(mixture[0], weights=mixture[1], split=split,
+                           batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                           global_batch=global_batch, seed=cfg.train.seed,
+                           num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
     return ShardLoader(manifest, split=split, batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
-                       dp_size=dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                       on_corrupt=cfg.data.on_corrupt)
+                       dp_size=dp_size, global_batch=global_batch, seed=cfg.train.seed,
+                       num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
+
+
+def val_problem(manifest, need: int) -> str | None:
+    """Why validation cannot run (None: it can): too few val samples for one batch on every rank,
+    or, in a mixture, a source without val samples (its weight could not be honoured)."""
+    mixture = getattr(manifest, "mixture", None)
+    if mixture is not None:
+        empty = [name for m, name in zip(mixture[0], mixture[2])
+                 if "val" not in m.splits or m.splits["val"].samples == 0]
+        if empty:
+            return f"mixture source(s) {', '.join(empty)} have no val samples"
+        samples = sum(m.splits["val"].samples for m in mixture[0])
+    else:
+        samples = manifest.splits["val"].samples
+    if samples < need:
+        return f"the val split has {samples} samples, fewer than one batch on every rank ({need})"
+    return None
+
+
+def source_tokens(manifest, loader, seq_len: int) -> dict:
+    """`tokens_<name>` per mixture source (global, since the start of the run); {} for one dataset."""
+    mixture = getattr(manifest, "mixture", None)
+    if mixture is None:
+        return {}
+    return {f"tokens_{name}": n * seq_len for name, n in zip(mixture[2], loader.source_samples)}
 
 
 def forever(loader) -> Iterator[dict]:

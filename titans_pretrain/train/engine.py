@@ -6,7 +6,6 @@ data, logging and checkpoint bookkeeping.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.context_parallel import ContextParallel
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
+from titans_pretrain.distributed.precision import autocast
 from titans_pretrain.distributed.tensor_parallel import loss_context
 from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
                                          restore_schedule)
@@ -34,20 +34,6 @@ class StepResult:
     finite: bool  # False: the update was skipped
     lr: float  # the learning rate this step used
     cp_idle: float | None = None  # context parallel: mean fraction of the step a rank waited for a neighbour
-
-
-def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
-    mp = cfg.parallel.mixed_precision
-    if mp == "bf16" and device.type != "cuda":
-        return True  # allowed on CPU when asked for explicitly (slow, for tests)
-    return mp == "bf16" or (mp == "auto" and device.type == "cuda")
-
-
-def autocast(cfg: RunConfig, device: torch.device):
-    """bf16 autocast for compute; parameters and optimizer states stay fp32 (master weights)."""
-    if use_bf16(cfg, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _global_norm(value) -> torch.Tensor:

@@ -20,6 +20,11 @@ from titans_pretrain.config import ConfigError, load_config, resolve_layout
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from titans_pretrain.config import _section_classes
+
+    sections = ", ".join(f"{name}.*" for name in _section_classes())
+    parser.epilog = (f"Overrides set any config key ({sections}, run_dir); `titans-pretrain config "
+                     "CONFIG [overrides]` prints them all, resolved, with their meanings.")
     parser.add_argument("config", help="YAML run config (see configs/)")
     # REMAINDER so that `--nproc N` may also come after the overrides (pulled out in `run`)
     parser.add_argument("overrides", nargs=argparse.REMAINDER,

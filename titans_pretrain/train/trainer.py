@@ -24,8 +24,8 @@ from titans_pretrain.config import RunConfig, resolve_layout, save_config
 from titans_pretrain.data.shards import ShardError
 from titans_pretrain.distributed.mesh import build_mesh, init_distributed
 from titans_pretrain.train import checkpoint as ckpt
-from titans_pretrain.train.data import ensure_dataset, forever, make_loader
-from titans_pretrain.train.flops import device_peak_flops, flops_per_token, mfu
+from titans_pretrain.train.data import ensure_dataset, forever, make_loader, source_tokens, val_problem
+from titans_pretrain.models.flops import device_peak_flops, flops_per_token, mfu
 from titans_pretrain.train.loggers import MetricLoggers, Throughput
 from titans_pretrain.train.memory_monitor import MemoryMonitors
 from titans_pretrain.train.resume_rules import (FIXED_ON_RESUME, config_changes,
@@ -73,7 +73,8 @@ class Trainer:
         self.run_lock = run_lock or RunLock(self.run_dir)  # rank 0 takes it in _claim_run_dir
         self._claim_run_dir()
         self.manifest = ensure_dataset(cfg, log=self.log)
-        self.loader = make_loader(self.manifest, cfg, "train", self.dims.dp_rank, self.dims.dp_size)
+        self.loader = make_loader(self.manifest, cfg, "train", self.dims.dp_rank, self.dims.dp_size,
+                                  self.layout.global_batch_seqs)
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, log=self.log)
         # Everything that can refuse this run is checked before the run folder is written to.
         self.resume_from = self.ckpt.find_resume()
@@ -235,12 +236,9 @@ class Trainer:
                     if key.startswith("model.") and key not in FIXED_ON_RESUME]
             refused.append(f"parameter shapes ({'; '.join(keys) or 'model keys'}: "
                            f"{'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''})")
-        if self.cfg.parallel.engine == "deepspeed" and meta.get("dp_size") != self.dims.dp_size:
-            refused.append(f"data-parallel size {meta.get('dp_size')} -> {self.dims.dp_size} (a DeepSpeed "
-                           "ZeRO checkpoint loads only onto the size that wrote it; convert it with "
-                           "deepspeed.checkpoint.ds_to_universal)")
         if not refused:
-            probe = make_loader(self.manifest, self.cfg, "train", self.dims.dp_rank, self.dims.dp_size)
+            probe = make_loader(self.manifest, self.cfg, "train", self.dims.dp_rank, self.dims.dp_size,
+                                self.layout.global_batch_seqs)
             try:
                 extras = ckpt.load_extras(folder)
             except Exception as exc:  # noqa: BLE001 - e.g. an old pickle that weights_only refuses
@@ -283,37 +281,33 @@ class Trainer:
         os.replace(tmp, path)
 
     def _pick_extra(self, extras: list[dict], meta: dict, loader, quiet: bool = False) -> dict | None:
-        """Put `loader` where the checkpoint's stream stands and return this rank's extra state;
-        remap the stream on a new DP size (None: no rank's RNGs apply)."""
+        """Put `loader` where the checkpoint's stream stands and return this rank's extra state
+        (None on another dp size: no rank's RNGs apply). The stream does not depend on the dp size,
+        so any rank's loader state continues it exactly on any number of ranks."""
+        same = meta["dp_size"] == self.dims.dp_size
+        mine = None
+        if same:
+            ours = [e for e in extras if e["dp_rank"] == self.dims.dp_rank]
+            mine = ([e for e in ours if e["rank"] == self.rank] or ours)[0]
         try:
-            if meta["dp_size"] == self.dims.dp_size:
-                same = [e for e in extras if e["dp_rank"] == self.dims.dp_rank]
-                mine = ([e for e in same if e["rank"] == self.rank] or same)[0]
-                loader.load_state_dict(mine["loader"])
-                return mine
-            state = dict(extras[0]["loader"])
-            saved_steps = loader.samples // (state["batch_size"] * state["dp_size"])
-            if state["step"] == saved_steps:  # the end of an epoch is the start of the next one
-                state["epoch"], state["step"] = state["epoch"] + 1, 0
-            loader.load_state_dict(state)  # re-lays out the stream for the new size at an epoch start
+            loader.load_state_dict((mine or extras[0])["loader"])
         except ValueError as exc:
             raise ckpt.ResumeError(f"the data stream cannot continue on {self.dims.dp_size} data-parallel "
                                    f"rank(s) (checkpoint written with {meta['dp_size']}): {exc}") from exc
-        if not quiet:
+        if not same and not quiet:
             self.log(f"[checkpoint] data-parallel size {meta['dp_size']} -> {self.dims.dp_size}: model "
-                     "and optimizer resharded, data stream continues at the epoch boundary")
-        return None
-
+                     f"and optimizer resharded, the data stream continues exactly (epoch "
+                     f"{loader.epoch}, step {loader.step} of {loader.steps_per_epoch})")
+        return mine
 
     # ------------------------------------------------------------------ loop
     def validate(self) -> float | None:
         if "val" not in self.manifest.splits or self.cfg.train.val_batches == 0:
             return None
-        need = self.cfg.train.micro_batch_size * self.dims.dp_size
-        if self.manifest.splits["val"].samples < need:
+        problem = val_problem(self.manifest, self.cfg.train.micro_batch_size * self.dims.dp_size)
+        if problem:
             if not getattr(self, "_warned_val", False):
-                self.log(f"[val] skipped: the val split has {self.manifest.splits['val'].samples} samples, "
-                         f"fewer than one batch on every rank ({need}); prepare more data")
+                self.log(f"[val] skipped: {problem}; prepare more data")
                 self._warned_val = True
             return None
         val = make_loader(self.manifest, self.cfg, "val", self.dims.dp_rank, self.dims.dp_size)
@@ -387,6 +381,7 @@ class Trainer:
                              "mfu": mfu(self.flops_token, tps, self.world, peak),
                              "step_time": step_time, "skipped_steps": p.skipped,
                              **({} if result.cp_idle is None else {"cp_idle": result.cp_idle}),
+                             **source_tokens(self.manifest, self.loader, cfg.data.seq_len),
                              **memory_metrics})
             if cfg.train.val_interval and p.step % cfg.train.val_interval == 0 and p.step < cfg.train.steps:
                 val = self.validate()

@@ -193,7 +193,7 @@ def _block_e(E: int) -> int:
     """Hidden units per tile of the depth-2 kernels: ``TITANS_KERNEL_BLOCK_E`` (a power of two >= 16),
     else 16, halved until it divides ``E`` (a multiple of 16: ``E = 384`` is 24 tiles of 16). The tile
     bounds what a program holds at once; 16 keeps the backward well inside an H100's shared memory at
-    every shipped preset (``bench/kernel_resources.py``)."""
+    every shipped preset (``tools/kernel_resources.py``)."""
     block = int(os.environ.get("TITANS_KERNEL_BLOCK_E", 0) or 16)
     if not _pow2_16(block):
         raise ValueError(f"$TITANS_KERNEL_BLOCK_E must be a power of two >= 16, got {block}")
@@ -214,7 +214,7 @@ def _padded(D: int) -> int:
 
 def _num_warps() -> int:
     """``TITANS_KERNEL_NUM_WARPS``, else 4: at the 170M shape 8 warps spill as many registers and
-    need more shared memory in forward (``bench/kernel_resources.py --warps 4 8``)."""
+    need more shared memory in forward (``tools/kernel_resources.py --warps 4 8``)."""
     return int(os.environ.get("TITANS_KERNEL_NUM_WARPS", 0) or 4)
 
 

@@ -14,7 +14,7 @@ the per-token surprise clip, ``c`` its factor, on when the constexpr ``CLIP`` is
   start of chunk ``c``, and forward writes every slot (the only thing backward needs) or, in
   inference, alternates between two. Depth 2 walks the hidden width in tiles of ``EB`` units, so a
   program never holds more than a tile of the ``D x E`` state: whole, one head's state at the
-  issue's shape (256 KiB) does not fit an SM's shared memory, and the kernel could not launch;
+  170M presets' shape (256 KiB) does not fit an SM's shared memory, and the kernel could not launch;
 * backward walks the chunks in reverse, recomputes the chunk's activations from its saved state
   (once: what its later passes over the tiles need goes through a per-program scratch), and carries
   the state gradient from chunk to chunk the same way;
@@ -30,7 +30,7 @@ are zero and stay zero; nothing divides by ``D``); the hidden width ``E`` is a m
 ``EB`` (a power of two).
 
 On CPU these run under Triton's interpreter (numpy; ``TRITON_INTERPRET=1`` before triton is imported):
-that is how the tests check them without a GPU. ``bench/kernel_resources.py`` compiles them for a
+that is how the tests check them without a GPU. ``tools/kernel_resources.py`` compiles them for a
 GPU architecture on CPU and reports their registers, spills and shared memory.
 """
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Triton compiles for a named target without a GPU (its ``ptxas`` ships in the wheel), so this answers,
 on CPU, the question a launch answers too late: does the kernel fit the card's shared memory (a
 kernel that does not cannot launch, and ``auto`` mode falls back to PyTorch), and how many registers
-does it spill. ``bench/kernel_resources.py`` prints these for a sweep; the tests hold the issue's
-shape to the H100's limit.
+does it spill. ``tools/kernel_resources.py`` prints these for a sweep; the tests hold every
+preset's shape to the H100's limit.
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ limit). No GPU needed: Triton compiles for a named target and ships ``ptxas``. A
 memory exceeds the card's limit cannot launch (``auto`` mode then warns and runs PyTorch). A head
 dimension that is not a power of two compiles at the padded width (``D = 96`` at 128). Usage::
 
-    python bench/kernel_resources.py                              # the presets' shapes, sm_90 and sm_80
-    python bench/kernel_resources.py --shape 64,64,256 64,128,512 --block-e 16 32 --warps 4 8
-    python bench/kernel_resources.py --record                     # ... and append to bench/RESULTS.md
+    python tools/kernel_resources.py                              # the presets' shapes, sm_90 and sm_80
+    python tools/kernel_resources.py --shape 64,64,256 64,128,512 --block-e 16 32 --warps 4 8
+    python tools/kernel_resources.py --record                     # ... and append to bench/RESULTS.md
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     table = [f"### Kernel resources, {datetime.date.today()}, commit {commit}",
-             f"`python bench/kernel_resources.py {' '.join(sys.argv[1:])}` (compiled on CPU; shared in bytes, "
+             f"`python tools/kernel_resources.py {' '.join(sys.argv[1:])}` (compiled on CPU; shared in bytes, "
              "limit = the most one block may use; registers and spills per thread from `ptxas -v`).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS), *rows, ""]
     print("\n".join(table))

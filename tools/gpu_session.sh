@@ -3,7 +3,7 @@
 # each step is bounded, the whole run to 470 s, and a failing step does not stop the later ones;
 # give the device call a timeout of about 540 s):
 #
-#   bash bench/gpu_session.sh            # everything it writes goes under $OUT (or bench/gpu_out)
+#   bash tools/gpu_session.sh            # everything it writes goes under $OUT (or bench/gpu_out)
 #
 # 1. the Triton memory kernel: tests compiled on the device, then bench_kernels --record;
 # 2. what keeping every k-th chunk-start state costs the kernels (bench_memory_saved, k = 1 and 4);
