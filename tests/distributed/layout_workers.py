@@ -97,8 +97,8 @@ def meta_init_cases(rank: int, world: int, cases: dict[str, list[str]]) -> dict:
     from titans_pretrain.config import load_config, resolve_layout
     from titans_pretrain.distributed.mesh import build_mesh
     from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.engine import NativeEngine
-    from titans_pretrain.train.trainer import seed_everything
+    from titans_pretrain.train.engines import NativeEngine
+    from titans_pretrain.train.engines import seed_everything
     from trainer_workers import CONFIG
 
     out = {}
@@ -125,9 +125,7 @@ def start_memory(rank: int, world: int, config: str, overrides: list[str], meta_
 
     from titans_pretrain.config import load_config, resolve_layout
     from titans_pretrain.distributed.mesh import build_mesh
-    from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.engine import NativeEngine
-    from titans_pretrain.train.trainer import seed_everything
+    from titans_pretrain.train.engines import build_engine
 
     def peak_rss() -> int:
         with open("/proc/self/status") as f:
@@ -136,13 +134,7 @@ def start_memory(rank: int, world: int, config: str, overrides: list[str], meta_
     cfg = load_config(config, [*overrides, f"parallel.meta_init={str(meta_init).lower()}"])
     dims = build_mesh(resolve_layout(cfg, world), torch.device("cpu"))
     before = peak_rss()
-    seed_everything(cfg.train.seed)
-    if meta_init:
-        with torch.device("meta"):
-            model = TitansLM(cfg.model, init=False)
-    else:
-        model = TitansLM(cfg.model)
-    engine = NativeEngine(model, cfg, dims, torch.device("cpu"))
+    engine = build_engine(cfg, dims, torch.device("cpu"))
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in engine.model.parameters())
     return {"peak_rss": peak_rss(), "before": before, "local_param_bytes": local,
             "model_bytes": engine.module.num_params() * 4 if not meta_init else None}

@@ -37,8 +37,8 @@ def build_engine(world: int, overrides: list[str], seed_offset: int = 0):
     from titans_pretrain.config import load_config, resolve_layout
     from titans_pretrain.distributed.mesh import build_mesh
     from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.engine import NativeEngine
-    from titans_pretrain.train.trainer import seed_everything
+    from titans_pretrain.train.engines import NativeEngine
+    from titans_pretrain.train.engines import seed_everything
 
     cfg = load_config(CONFIG, [*ADAM, *overrides])
     layout = resolve_layout(cfg, world)
@@ -91,7 +91,7 @@ def plain_reference(overrides: list[str], steps: int = 3) -> dict:
     from titans_pretrain.config import load_config
     from titans_pretrain.models import TitansLM
     from titans_pretrain.train.optim import build_optimizer, build_scheduler
-    from titans_pretrain.train.trainer import seed_everything
+    from titans_pretrain.train.engines import seed_everything
 
     cfg = load_config(CONFIG, [*ADAM, *overrides])
     seed_everything(cfg.train.seed)
@@ -124,20 +124,13 @@ def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -
     from deepspeed.utils import safe_get_full_grad
 
     from titans_pretrain.config import load_config, resolve_layout
-    from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine, build_partitioned
     from titans_pretrain.distributed.mesh import build_mesh
-    from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.trainer import seed_everything
+    from titans_pretrain.train.engines import build_engine
 
     cfg = load_config(CONFIG, ["parallel.engine=deepspeed", *ADAM, *overrides])
     layout = resolve_layout(cfg, world)
     dims = build_mesh(layout, torch.device("cpu"))
-    seed_everything(cfg.train.seed)
-    if cfg.parallel.meta_init and cfg.parallel.zero_stage == 3:  # as the trainer: partitioned at construction
-        model = build_partitioned(cfg, dims, torch.device("cpu"))
-    else:
-        model = TitansLM(cfg.model)
-    eng = DeepSpeedEngine(model, cfg, dims, torch.device("cpu"))
+    eng = build_engine(cfg, dims, torch.device("cpu"))  # as the trainer (ZeRO-3: partitioned)
     micro = rank_micro_batches(cfg, layout, global_batch(cfg, 0), dims.dp_rank)
     total = 0.0
     for i, mb in enumerate(micro):
@@ -149,7 +142,7 @@ def deepspeed_run(rank: int, world: int, overrides: list[str], steps: int = 3) -
                      for n, p in eng.engine.module.named_parameters()}
         eng.engine.step()
     eng.scheduler.step()
-    from titans_pretrain.train.engine import mean_over_dp
+    from titans_pretrain.train.engines import mean_over_dp
 
     losses = [float(mean_over_dp(torch.tensor(total / len(micro)), dims))]
     norms = [float(eng.engine.get_global_grad_norm())]

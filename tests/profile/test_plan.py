@@ -57,16 +57,17 @@ import ctypes, gc, json, sys
 from titans_pretrain.config import load_config, resolve_layout
 from titans_pretrain.distributed.mesh import build_mesh, init_distributed, shutdown_distributed
 from titans_pretrain.profile.memory import PeakMemory
-from titans_pretrain.profile.runner import build_engine, random_batches
+from titans_pretrain.profile.runner import random_batches
+from titans_pretrain.train.engines import build_engine
 
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 def engine(overrides):
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*overrides, "parallel.meta_init=false"])
     layout = resolve_layout(cfg, 1)
-    model, eng = build_engine(cfg, device, build_mesh(layout, device), scopes=False)
+    eng = build_engine(cfg, build_mesh(layout, device), device)
     return eng, random_batches(cfg, layout.micro_batch_size, layout.grad_accum, device, 0)
 
 device = init_distributed("gloo")

@@ -9,7 +9,8 @@ import signal
 import sys
 
 from titans_pretrain.cli import main
-from titans_pretrain.train import checkpoint, engine
+from titans_pretrain.train import checkpoint
+from titans_pretrain.train.engines import native as engine
 
 faults = json.loads(sys.argv[1])
 nan_steps = set(faults.get("nan_steps", []))

@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans_pretrain.models.attention import KVCache
 from titans_pretrain.models.blocks import BlockState
 from titans_pretrain.models.memory import MemoryLayerState
 from titans_pretrain.models.memory_ops import MemoryState
-from titans_pretrain.models.titans import upcast
+from titans_pretrain.models.titans import lm_loss
 
 __all__ = ["ContextParallel", "RelayStats", "apply_context_parallel", "blocks_of", "flatten_state",
            "unflatten_state"]
@@ -158,8 +157,7 @@ class ContextParallel:
         work, count = self._count
         self._count = None
         work.wait()
-        total = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                reduction="sum")
+        total = lm_loss(logits, labels, reduction="sum")
         return total / count.clamp_min(1).to(total.dtype)
 
     def sum_over_group(self, value: Tensor) -> Tensor:

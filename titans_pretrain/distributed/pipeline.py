@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
@@ -37,6 +36,7 @@ from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.precision import autocast
 from titans_pretrain.models.flops import flops_per_token
+from titans_pretrain.models.titans import lm_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from titans_pretrain.distributed.context_parallel import ContextParallel
@@ -129,11 +129,6 @@ class StageView(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x)) if self.last else x
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The TitansLM loss: mean token cross-entropy over pre-shifted labels (-100 ignored)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 # ------------------------------------------------------------------------------------ the runner

@@ -168,6 +168,14 @@ def upcast(logits: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """The language-model loss, the one definition every path uses (one process, pipeline stages,
+    context-parallel slices): token cross-entropy over pre-shifted labels, -100 ignored, on logits
+    of at least fp32."""
+    return F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction=reduction)
+
+
 class TitansLM(nn.Module):
     """A Titans language model (variant from ``config.variant``), single device."""
 
@@ -246,7 +254,7 @@ class TitansLM(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} "
                                  "(pre-shifted targets, -100 to ignore)")
-            loss = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = lm_loss(logits, labels)
         return TitansOutput(logits=logits, loss=loss, state=new_state if return_state else None)
 
     def _stream(self, input_ids: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:

@@ -18,11 +18,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from titans_pretrain.config import RunConfig, resolve_layout
 from titans_pretrain.distributed.mesh import build_mesh, init_distributed
+from titans_pretrain.models import TitansLM
+from titans_pretrain.models.flops import device_peak_flops, mfu
 from titans_pretrain.profile.breakdown import STEP_SCOPE, breakdown
 from titans_pretrain.profile.flops_split import flops_split
 from titans_pretrain.profile.memory import PeakMemory
 from titans_pretrain.profile.scopes import install_scopes
-from titans_pretrain.models.flops import device_peak_flops, mfu
+from titans_pretrain.train.engines import build_engine
 
 
 @dataclass
@@ -65,24 +67,6 @@ def random_batches(cfg: RunConfig, micro_batch: int, n: int, device: torch.devic
     return out
 
 
-def build_engine(cfg: RunConfig, device: torch.device, dims, scopes: bool = True):
-    """The trainer's engine for `cfg`, with component scopes installed before parallelization."""
-    from titans_pretrain.models import TitansLM
-    from titans_pretrain.train.trainer import seed_everything
-
-    seed_everything(cfg.train.seed)
-    model = TitansLM(cfg.model).to(device)
-    if scopes:
-        install_scopes(model)
-    if cfg.parallel.engine == "deepspeed":
-        from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine
-
-        return model, DeepSpeedEngine(model, cfg, dims, device)
-    from titans_pretrain.train.engine import NativeEngine
-
-    return model, NativeEngine(model, cfg, dims, device)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,9 +90,11 @@ def profile_config(cfg: RunConfig, *, steps: int, warmup: int, profile_steps: in
     world = dist.get_world_size()
     layout = resolve_layout(cfg, world)
     dims = build_mesh(layout, device)
-    model, engine = build_engine(cfg, device, dims)
-    split = flops_split(model, cfg.model, cfg.data.seq_len)
-    n_params = model.num_params()
+    engine = build_engine(cfg, dims, device, prepare=install_scopes)  # the trainer's engine
+    with torch.device("meta"):
+        skeleton = TitansLM(cfg.model, init=False)
+    split = flops_split(skeleton, cfg.model, cfg.data.seq_len)
+    n_params = skeleton.num_params()
     tokens_per_step = layout.global_batch_seqs * cfg.data.seq_len
     batches = random_batches(cfg, layout.micro_batch_size, layout.grad_accum, device,
                              cfg.train.seed + dims.dp_rank)

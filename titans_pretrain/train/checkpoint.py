@@ -544,7 +544,7 @@ def load_checkpoint(path: str | Path):
     model = TitansLM(cfg.model)
     meta = read_meta(folder)
     if meta.get("engine") == "deepspeed":
-        from titans_pretrain.distributed.deepspeed_engine import load_fp32_model_state
+        from titans_pretrain.train.engines.deepspeed import load_fp32_model_state
 
         state = load_fp32_model_state(folder)
     else:

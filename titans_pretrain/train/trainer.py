@@ -9,23 +9,23 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_pretrain.config import RunConfig, resolve_layout, save_config
 from titans_pretrain.data.shards import ShardError
 from titans_pretrain.distributed.mesh import build_mesh, init_distributed
+from titans_pretrain.models import TitansLM
+from titans_pretrain.models.flops import device_peak_flops, flops_per_token, mfu
 from titans_pretrain.train import checkpoint as ckpt
 from titans_pretrain.train.data import ensure_dataset, forever, make_loader, source_tokens, val_problem
-from titans_pretrain.models.flops import device_peak_flops, flops_per_token, mfu
+from titans_pretrain.train.engines import build_engine
 from titans_pretrain.train.loggers import MetricLoggers, Throughput
 from titans_pretrain.train.memory_monitor import MemoryMonitors
 from titans_pretrain.train.resume_rules import (FIXED_ON_RESUME, config_changes,
@@ -36,12 +36,6 @@ from titans_pretrain.train.signals import EXIT_DIVERGED, EXIT_PREEMPTED, StopReq
 
 class TrainingDiverged(RuntimeError):
     """Raised after `train.max_bad_steps` non-finite steps in a row."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -81,7 +75,11 @@ class Trainer:
         if self.resume_from is not None:
             self._check_resumable(self.resume_from)
         self._record_run()
-        self.engine = self._build_engine()
+        with torch.device("meta"):  # for the counts only: no memory, no draws
+            skeleton = TitansLM(cfg.model, init=False)
+        self.flops_token = flops_per_token(skeleton, cfg.model, cfg.data.seq_len)
+        self.n_params = skeleton.num_params()
+        self.engine = build_engine(cfg, self.dims, self.device)
         self.memory = MemoryMonitors(self.engine.module, cfg.model.n_layers, self.device)
         self.progress = Progress()
         self.tokens_per_step = self.layout.global_batch_seqs * cfg.data.seq_len
@@ -121,31 +119,6 @@ class Trainer:
         self.ckpt.run_id = run_id[0]
 
     # ------------------------------------------------------------------ build
-    def _build_engine(self):
-        """The engine around the model. By default no rank builds the whole model
-        (``parallel.meta_init``): the native engine gets it on the meta device and allocates and
-        fills only its shards; ZeRO-3 builds it partitioned. Either way the weights are an eager
-        start's with ``train.seed``, bit for bit."""
-        from titans_pretrain.models import TitansLM
-
-        seed_everything(self.cfg.train.seed)  # identical initial weights on every rank
-        p = self.cfg.parallel
-        with torch.device("meta"):  # no memory, no draws
-            skeleton = TitansLM(self.cfg.model, init=False)
-        self.flops_token = flops_per_token(skeleton, self.cfg.model, self.cfg.data.seq_len)
-        self.n_params = skeleton.num_params()
-        if p.engine == "deepspeed":
-            from titans_pretrain.distributed.deepspeed_engine import DeepSpeedEngine, build_partitioned
-
-            if p.meta_init and p.zero_stage == 3:
-                model = build_partitioned(self.cfg, self.dims, self.device)
-            else:
-                model = TitansLM(self.cfg.model).to(self.device)
-            return DeepSpeedEngine(model, self.cfg, self.dims, self.device)
-        from titans_pretrain.train.engine import NativeEngine
-
-        model = skeleton if p.meta_init else TitansLM(self.cfg.model).to(self.device)
-        return NativeEngine(model, self.cfg, self.dims, self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:

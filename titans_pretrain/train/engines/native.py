@@ -1,13 +1,9 @@
-"""The native engine: model + optimizer + schedule + one optimizer step + DCP checkpoint I/O.
-
-The trainer loop talks to an engine through four calls (`train_step`, `evaluate`, `save`, `load`),
-so FSDP2/DDP here and DeepSpeed ZeRO (`distributed/deepspeed_engine.py`) share the same loop,
-data, logging and checkpoint bookkeeping.
-"""
+"""The native engine: FSDP2/DDP, tensor, pipeline and context parallel around the model, the
+optimizer and schedule, one optimizer step, DCP checkpoint I/O (the `Engine` contract of
+`train/engines/base.py`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,37 +17,12 @@ from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.context_parallel import ContextParallel
 from titans_pretrain.distributed.mesh import ParallelDims
 from titans_pretrain.distributed.parallelize import parallelize, set_grad_sync, unwrap
+from titans_pretrain.distributed.pipeline import Pipeline
 from titans_pretrain.distributed.precision import autocast
 from titans_pretrain.distributed.tensor_parallel import loss_context
+from titans_pretrain.train.engines.base import StepResult, global_norm, mean_over_dp
 from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
                                          restore_schedule)
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean token loss over the global batch
-    grad_norm: float  # global, before clipping
-    finite: bool  # False: the update was skipped
-    lr: float  # the learning rate this step used
-    cp_idle: float | None = None  # context parallel: mean fraction of the step a rank waited for a neighbour
-
-
-def _global_norm(value) -> torch.Tensor:
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def mean_over_dp(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-    if dims.dp_size > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=_dp_group(dims))
-        value /= dims.dp_size
-    return value
-
-
-def _dp_group(dims: ParallelDims):
-    if dims.layout.dp_replicate > 1:
-        return dims.mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
-    return dims.mesh["dp_shard"].get_group()
 
 
 class NativeEngine:
@@ -64,8 +35,6 @@ class NativeEngine:
                    if dims.layout.cp > 1 else None)
         self.pipeline = None
         if dims.layout.pp > 1:  # each rank keeps its stages; tp/ac/cp/FSDP2 are applied per stage
-            from titans_pretrain.distributed.pipeline import Pipeline
-
             self.pipeline = Pipeline(model, cfg, dims, device, self.cp)
             self.model = self.pipeline.model
         else:
@@ -126,7 +95,7 @@ class NativeEngine:
                 with self.loss_context():
                     loss = self.forward_loss(batch)
                     (loss / n).backward()
-                total += _global_norm(loss.detach()).float()
+                total += global_norm(loss.detach()).float()
             local = total / n
         if self.cp is not None:
             self.cp.flush()
@@ -141,7 +110,7 @@ class NativeEngine:
         if self.pipeline is not None:  # the norm spans every stage
             norm = self.pipeline.grad_norm_(self.params, max_norm)
         else:
-            norm = _global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
+            norm = global_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(norm).item())
         lr = self.lr
         if finite:
@@ -159,7 +128,7 @@ class NativeEngine:
             total, count = torch.zeros((), device=self.device), 0
             for batch in batches:
                 with self.loss_context():
-                    total += _global_norm(self.forward_loss(batch)).float()
+                    total += global_norm(self.forward_loss(batch)).float()
                 count += 1
             loss = total / max(1, count)
         if self.cp is not None:

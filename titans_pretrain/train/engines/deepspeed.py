@@ -24,8 +24,11 @@ from torch import nn
 
 from titans_pretrain.config import RunConfig
 from titans_pretrain.distributed.mesh import ParallelDims
+from titans_pretrain.distributed.parallelize import apply_activation_checkpointing
+from titans_pretrain.distributed.meta_init import replay_start
 from titans_pretrain.distributed.precision import use_bf16
-from titans_pretrain.train.engine import StepResult, mean_over_dp
+from titans_pretrain.models import TitansLM
+from titans_pretrain.train.engines.base import StepResult, mean_over_dp
 from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
                                          restore_schedule)
 
@@ -36,9 +39,6 @@ def build_partitioned(cfg: RunConfig, dims: ParallelDims, device: torch.device) 
     """ZeRO-3's partitioned start: the model built inside ``deepspeed.zero.Init`` (each rank keeps
     only its partition of every parameter), then filled, one gathered parameter at a time, with the
     weights of an eager start with the same seed (``meta_init.replay_start``). Call after seeding."""
-    from titans_pretrain.distributed.meta_init import replay_start
-    from titans_pretrain.models import TitansLM
-
     deepspeed = _import_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
     rng = torch.get_rng_state()
@@ -95,8 +95,6 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, cfg: RunConfig, dims: ParallelDims, device: torch.device):
         if cfg.parallel.activation_checkpointing or cfg.parallel.compile:
-            from titans_pretrain.distributed.parallelize import apply_activation_checkpointing
-
             if cfg.parallel.activation_checkpointing:
                 apply_activation_checkpointing(model)
             if cfg.parallel.compile:
