@@ -118,8 +118,6 @@ class Trainer:
             dist.broadcast_object_list(run_id, src=0)
         self.ckpt.run_id = run_id[0]
 
-    # ------------------------------------------------------------------ build
-
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         """A checkpoint of the current step, unless the state is suspect: never after a
