@@ -22,13 +22,13 @@ _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 def field_meanings(cls: type) -> dict[str, str]:
     """field name -> the comment on its line, or the comment lines right above it."""
     meanings, above = {}, []
+    names = {f.name for f in dataclasses.fields(cls)}
     for line in inspect.getsource(cls).splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(stripped.lstrip("# ").strip())
             continue
         m = _FIELD.match(line)
-        names = {f.name for f in dataclasses.fields(cls)}
         if m and m.group(1) in names and m.group(1) not in meanings:
             meanings[m.group(1)] = (m.group(2) or " ".join(above)).strip()
         above = []

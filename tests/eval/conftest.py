@@ -1,6 +1,5 @@
 """Shared fixtures: a small sentencepiece tokenizer trained on the needle task's own text, and an
 offline scratch Hugging Face cache (lm-eval's datasets, the export's remote code)."""
-import os
 
 import pytest
 import torch
@@ -26,16 +25,6 @@ def single_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def offline_hf_home(tmp_path_factory):
-    """No network, and nothing written to the user's Hugging Face cache."""
-    home = tmp_path_factory.mktemp("hf_home")
-    keys = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_MODULES_CACHE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                      HF_MODULES_CACHE=str(home / "modules"))
-    yield home
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def offline_hf_home(offline_hf):
+    """Every test here runs with the offline scratch Hugging Face cache."""
+    return offline_hf

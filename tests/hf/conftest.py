@@ -5,7 +5,6 @@ DeepSpeed engine), so the converter is tested on checkpoints exactly as the trai
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,9 @@ from hf_helpers import train
 
 
 @pytest.fixture(scope="session", autouse=True)
-def hf_home(tmp_path_factory):
-    """Remote code is copied into $HF_HOME/modules: keep it out of the user's cache, offline."""
-    home = tmp_path_factory.mktemp("hf_home")
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
-    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(home / "modules"))
-    yield home
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def hf_home(offline_hf):
+    """Every test here runs with the offline scratch Hugging Face cache."""
+    return offline_hf
 
 
 @pytest.fixture(scope="session")

@@ -48,20 +48,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("B,H,T,D,depth,chunk,act", CASES)
-def test_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, chunk, act):
-    tensors, state = _inputs(B, H, T, D, depth, seed=T * 7 + depth, requires_grad=True)
+def _chunked_against_recurrent(tensors, state, depth, chunk, act, clip=0.0):
+    """Outputs, final state and every input's gradient of the dual form against plain autograd
+    through the token-by-token rule (fp64); returns the dual form's outputs."""
+    B, H, T, D = tensors[0].shape
     leaves = list(tensors) + list(state.weights) + list(state.momentum)
     g = torch.Generator().manual_seed(1)
     probe_y = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
     probes = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in state.weights + state.momentum]
-
     results = []
     for fn in (memory_recurrent, memory_chunked):
-        y, final = fn(*tensors, state, chunk_size=chunk, activation=act)
+        y, final = fn(*tensors, state, chunk_size=chunk, activation=act, surprise_clip=clip)
         loss = (y * probe_y).sum() + sum((t * p).sum() for t, p in zip(final.weights + final.momentum, probes))
-        grads = torch.autograd.grad(loss, leaves)
-        results.append((y, final, grads))
+        results.append((y, final, torch.autograd.grad(loss, leaves)))
     (y_r, s_r, g_r), (y_c, s_c, g_c) = results
     assert _rel_err(y_c, y_r) < RTOL
     for a, b in zip(s_c.weights + s_c.momentum, s_r.weights + s_r.momentum):
@@ -69,6 +68,13 @@ def test_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, chunk, a
     names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(depth)] + [f"S{i}" for i in range(depth)]
     for name, a, b in zip(names, g_c, g_r):
         assert _rel_err(a, b) < RTOL, name
+    return y_c
+
+
+@pytest.mark.parametrize("B,H,T,D,depth,chunk,act", CASES)
+def test_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, chunk, act):
+    tensors, state = _inputs(B, H, T, D, depth, seed=T * 7 + depth, requires_grad=True)
+    _chunked_against_recurrent(tensors, state, depth, chunk, act)
 
 
 def _median_surprise_norm(tensors, state, act="gelu"):
@@ -85,21 +91,7 @@ def test_clipped_chunked_matches_recurrent_forward_and_grads(B, H, T, D, depth, 
     plain autograd through the token-by-token rule, with about half the tokens clipped."""
     tensors, state = _inputs(B, H, T, D, depth, seed=T * 7 + depth, requires_grad=True)
     clip = _median_surprise_norm(tensors, state, act)
-    leaves = list(tensors) + list(state.weights) + list(state.momentum)
-    g = torch.Generator().manual_seed(1)
-    probe_y = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
-    probes = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in state.weights + state.momentum]
-    results = []
-    for fn in (memory_recurrent, memory_chunked):
-        y, final = fn(*tensors, state, chunk_size=chunk, activation=act, surprise_clip=clip)
-        loss = (y * probe_y).sum() + sum((t * p).sum() for t, p in zip(final.weights + final.momentum, probes))
-        results.append((y, final, torch.autograd.grad(loss, leaves)))
-    (y_r, s_r, g_r), (y_c, s_c, g_c) = results
-    assert _rel_err(y_c, y_r) < RTOL
-    for a, b in zip(s_c.weights + s_c.momentum, s_r.weights + s_r.momentum):
-        assert _rel_err(a, b) < RTOL
-    for i, (a, b) in enumerate(zip(g_c, g_r)):
-        assert _rel_err(a, b) < RTOL, i
+    y_c = _chunked_against_recurrent(tensors, state, depth, chunk, act, clip)
     bare, _ = memory_chunked(*tensors, state, chunk_size=chunk, activation=act)
     assert _rel_err(bare, y_c) > 1e-3  # the clip acted
 

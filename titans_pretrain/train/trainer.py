@@ -176,7 +176,7 @@ class Trainer:
             raise ckpt.ResumeError(f"{folder} holds non-finite weights: it is corrupt or was saved "
                                    f"after a divergence{unchecked}; move it away to resume from the "
                                    "one before")
-        extras = ckpt.load_extras(folder)
+        extras = self._resume_extras  # read and checked at start
         mine = self._pick_extra(extras, meta, self.loader)
         if mine is not None and meta["world_size"] == self.world:
             ckpt.set_rng_state(mine["rng"])
@@ -211,7 +211,7 @@ class Trainer:
             probe = make_loader(self.manifest, self.cfg, "train", self.dims.dp_rank, self.dims.dp_size,
                                 self.layout.global_batch_seqs)
             try:
-                extras = ckpt.load_extras(folder)
+                self._resume_extras = extras = ckpt.load_extras(folder)
             except Exception as exc:  # noqa: BLE001 - e.g. an old pickle that weights_only refuses
                 raise ckpt.ResumeError(f"{folder}/extra cannot be read safely ({type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0]}); move the checkpoint away to "
