@@ -13,11 +13,11 @@
 # Made for the lent machine as it is: `python3` (no `python`; PYTHON overrides), nothing installed
 # from a registry. The package is imported from the checkout (PYTHONPATH, no install). Pure-Python
 # wheels carried in the ignored folder .whl/ (titans-pytorch and its dependencies, the peer in
-# bench_kernels; see shared/device-wheels/README.md) are installed into a temporary folder on
+# bench_kernels, built for the machine's Python) are installed into a temporary folder on
 # PYTHONPATH when .whl/ holds any; without them the titans-pytorch cases are reported as skipped.
-# titans-pytorch 0.5.5 also needs pyvers (<0.3), cloudpickle and loguru, which the shared wheel set
-# lacks: add them to .whl/ first (`pip download --no-deps pyvers==0.2.3 cloudpickle==3.1.3
-# loguru==0.7.3 -d .whl`, on a machine with a registry), else `import titans_pytorch` fails.
+# titans-pytorch 0.5.5 also needs pyvers (<0.3), cloudpickle and loguru: make sure .whl/ has them
+# (`pip download --no-deps pyvers==0.2.3 cloudpickle==3.1.3 loguru==0.7.3 -d .whl`, on a machine
+# with a registry), else `import titans_pytorch` fails.
 # Outputs in $OUT: gpu.txt, env.txt, wheels.log, <step>.log, kernel_tests.xml, streaming_*.json,
 # RESULTS.md (the checkout's, after the appends), RESULTS.appended.md (only what this run appended)
 # and summary.txt (each step's exit status; 124 = ran out of time). The exit status is 1 if any step
