@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help). Modules are imported on use, so `--help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("titans_pretrain.data.prepare_cli", "text/jsonl/parquet -> tokenizer + webdataset shards + manifest"),
-    "train": ("titans_pretrain.train.train_cli", "pretrain a Titans model"),
+    "train": ("titans_pretrain.launch.train_cli", "pretrain a Titans model"),
     "convert-hf": ("titans_pretrain.hf.convert_cli", "checkpoint -> Hugging Face folder"),
     "profile": ("titans_pretrain.profile.profile_cli", "throughput report"),
     "plan": ("titans_pretrain.profile.plan", "memory per rank before launch, and what fits"),

@@ -2,10 +2,20 @@
 
     python tools/checkpoint.py inspect RUN_DIR|CHECKPOINTS_DIR|STEP_DIR     # what it holds
     python tools/checkpoint.py verify  RUN_DIR|CHECKPOINTS_DIR|STEP_DIR     # CRC32 of every file
+    python tools/checkpoint.py reshard RUN_DIR|CHECKPOINTS_DIR|STEP_DIR     # for any layout, offline
 
 `inspect` prints each checkpoint's step, tokens, engine, layout, run id, the model it holds and its
 size on disk; `verify` checks every checkpoint of a run (or the one named) against its manifest,
 as resume does, and exits 1 if any fails. Both read only.
+
+`reshard` prepares a checkpoint (a run's newest intact one, or the one named) for a resume on any
+layout, so the job that resumes does not pay for it. Native checkpoints need nothing: DCP reshards
+them on load onto any layout. A DeepSpeed ZeRO checkpoint resumes on another data-parallel size
+through DeepSpeed's universal form (`ds_to_universal`, minutes to hours for a large model): this
+writes it once into the step folder (`universal/`) and adds it to the manifest, and every later
+resume on another size loads it directly. The checkpoint is verified first and its files are not
+changed; a reshard killed midway leaves the checkpoint as it was (the manifest lists the new files
+last). Needs `deepspeed`.
 """
 from __future__ import annotations
 
@@ -66,15 +76,50 @@ def verify(path: Path) -> int:
     return 1 if bad else 0
 
 
+def reshard(path: Path) -> int:
+    import shutil
+
+    try:
+        folder = ckpt.resolve_checkpoint_path(path)  # verified (CRC32), or the newest intact one
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    engine = ckpt.read_meta(folder).get("engine", "native")
+    if engine != "deepspeed":
+        print(f"{folder}: a {engine} checkpoint (DCP) loads onto any layout as it is; nothing to prepare")
+        return 0
+    if ckpt.listed_in_manifest(folder, ckpt.UNIVERSAL):
+        print(f"{folder}: its universal form is already prepared ({ckpt.UNIVERSAL}/)")
+        return 0
+    from titans_pretrain.train.engines.deepspeed import convert_to_universal
+
+    work, done = folder / (ckpt.UNIVERSAL + ".tmp"), folder / ckpt.UNIVERSAL
+    for stale in (work, done):  # left by a reshard that was killed before the manifest listed it
+        shutil.rmtree(stale, ignore_errors=True)
+    print(f"{folder}: converting to DeepSpeed's universal form ...", flush=True)
+    try:
+        convert_to_universal(folder, work)
+    except RuntimeError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    work.rename(done)
+    ckpt.add_to_manifest(folder, ckpt.UNIVERSAL)
+    size = sum(p.stat().st_size for p in done.rglob("*") if p.is_file())
+    print(f"{folder}: wrote {ckpt.UNIVERSAL}/ ({size / 2**20:.1f} MiB, in the manifest); a resume on any "
+          "data-parallel size loads it directly")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["inspect", "verify"])
+    ap.add_argument("command", choices=["inspect", "verify", "reshard"])
     ap.add_argument("path", type=Path)
     args = ap.parse_args()
     if not args.path.exists():
         print(f"error: {args.path} does not exist", file=sys.stderr)
         return 2
-    return inspect(args.path) if args.command == "inspect" else verify(args.path)
+    return {"inspect": inspect, "verify": verify, "reshard": reshard}[args.command](args.path)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from titans_pretrain.distributed import mesh
-from titans_pretrain.train.train_cli import _split_nproc
+from titans_pretrain.launch.train_cli import _split_nproc
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """2-process runs through `--nproc 2`: SIGTERM -> agree, save, exit 75, bit-exact resume; resuming
 mid-epoch on 1 and 4 processes matches the uninterrupted run; 1 process, FSDP and ZeRO-3 on 2 see
-the same losses; DeepSpeed ZeRO-2 and ZeRO-3 checkpoints resume on 1 process; `load_checkpoint` of a sharded checkpoint; the DeepSpeed engine's own checkpoints
+the same losses; DeepSpeed ZeRO-2 and ZeRO-3 checkpoints resume on 1 process (also with the
+universal form prepared offline by `tools/checkpoint.py reshard`); `load_checkpoint` of a sharded checkpoint; the DeepSpeed engine's own checkpoints
 resume bit-exactly."""
 import shutil
 import sys
@@ -108,11 +109,23 @@ def test_deepspeed_zero2_stop_and_resume_exactly(tmp_path, data_dir):
     one = tmp_path / "one"  # on 1 process: through DeepSpeed's universal checkpoint
     shutil.copytree(run, one)
     out = train(one, data_dir, *ds).stdout
-    assert "data-parallel size 2 -> 1" in out
+    assert "data-parallel size 2 -> 1" in out and "converting to DeepSpeed's universal form" in out
     assert losses(one).keys() == losses(ref).keys()
     for step, loss in losses(ref).items():
         assert losses(one)[step] == pytest.approx(loss, rel=1e-5, abs=0), step
     assert not list((one / "checkpoints").glob(".*universal"))  # the converted copy is removed
+    # the same with the universal form prepared offline: stored in the checkpoint, loaded directly
+    prepared = tmp_path / "prepared"
+    shutil.copytree(run, prepared)
+    tool = [sys.executable, str(ROOT / "tools" / "checkpoint.py")]
+    done = subprocess.run([*tool, "reshard", str(prepared)], capture_output=True, text=True)
+    assert done.returncode == 0 and "wrote universal/" in done.stdout, done.stdout + done.stderr
+    again = subprocess.run([*tool, "reshard", str(prepared)], capture_output=True, text=True)
+    assert again.returncode == 0 and "already prepared" in again.stdout
+    assert subprocess.run([*tool, "verify", str(prepared)], capture_output=True).returncode == 0
+    out = train(prepared, data_dir, *ds).stdout
+    assert "loading its universal form, prepared offline" in out and "converting" not in out
+    assert losses(prepared) == losses(one)
     train(run, data_dir, *ds, nproc=2)
     assert losses(run) == losses(ref)
     assert losses(ref)[8] < losses(ref)[1]

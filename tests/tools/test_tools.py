@@ -47,6 +47,13 @@ def test_inspect_and_verify(run, tmp_path):
     bad = tool("tools/checkpoint.py", "verify", copy, check=False)
     assert bad.returncode == 1 and "step_00000008: __0_0.distcp fails its CRC32 check" in bad.stdout
     assert tool("tools/checkpoint.py", "verify", copy / "nope", check=False).returncode == 2
+    # reshard: a native checkpoint needs nothing; a damaged one is refused, untouched
+    assert "nothing to prepare" in tool("tools/checkpoint.py", "reshard", run).stdout
+    damaged = copy / "checkpoints" / "step_00000008"
+    before = sorted(p.name for p in damaged.iterdir())
+    refused = tool("tools/checkpoint.py", "reshard", damaged, check=False)
+    assert refused.returncode == 1 and "fails its CRC32 check" in refused.stderr
+    assert sorted(p.name for p in damaged.iterdir()) == before
 
 
 def test_convert_round_trips_through_hf_and_megatron(run, tmp_path):

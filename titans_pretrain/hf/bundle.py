@@ -1,10 +1,10 @@
 """Build the self-contained ``modeling_titans.py`` of an exported folder from the package's own source.
 
 The exported folder must load with only transformers and torch installed, yet the model must not be
-maintained twice. So at conversion time the model modules (:data:`BUNDLED_MODULES`, in dependency
-order) are concatenated, followed by the HF wrapper :mod:`titans_pretrain.hf.modeling_titans`, and
-every ``titans_pretrain`` import is rewritten: imports of a bundled module become ``pass`` (the names
-are already defined above), the config import becomes ``from .configuration_titans import ...``
+maintained twice. So at conversion time the model's config and modules (:data:`BUNDLED_MODULES`, in
+dependency order) are concatenated, followed by the HF wrapper :mod:`titans_pretrain.hf.modeling_titans`,
+and every ``titans_pretrain`` import is rewritten: imports of a bundled module become ``pass`` (the
+names are already defined above), the HF config import becomes ``from .configuration_titans import ...``
 (transformers copies sibling files imported relatively). An import of any other ``titans_pretrain``
 module is an error that names it, so a new dependency of the model cannot silently break exports.
 """
@@ -17,6 +17,7 @@ import inspect
 __all__ = ["BUNDLED_MODULES", "BundleError", "CONFIG_MODULE", "WRAPPER_MODULE", "modeling_source"]
 
 BUNDLED_MODULES = (
+    "titans_pretrain.config.model",
     "titans_pretrain.models.memory_ops",
     "titans_pretrain.models.norms",
     "titans_pretrain.models.attention",

@@ -3,8 +3,9 @@
 The HF format holds weights, not optimizer moments or a data position, so the written checkpoint is
 a *start*: step 0, the exported weights, a fresh AdamW state and schedule, the data stream at its
 beginning. ``train`` then continues training these weights like any resumed run (any layout: DCP
-reshards on load). It is written by the trainer's own :class:`CheckpointManager` (atomic, manifest,
-``latest``) with the same files a native-engine save has, so nothing downstream can tell it apart.
+reshards on load). The checkpointer writes it (``train.checkpoint.write_start_checkpoint``: the
+same saved state, atomic save, manifest and ``latest`` as a native-engine save), so nothing
+downstream can tell it apart.
 
 The run config comes from ``titans_run_config`` in ``config.json`` (recorded at export), else from
 ``--config``; dotted overrides apply on top (``data.path=...``, ``train.steps=...``). The ``model``
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-import warnings
 from pathlib import Path
 
 import torch
+
+from titans_pretrain.train.checkpoint import write_start_checkpoint
 
 __all__ = ["hf_to_native", "load_hf_weights", "titans_config_from_json", "write_start_checkpoint"]
 
@@ -102,55 +103,3 @@ def hf_to_native(hf_dir: str | Path, run_dir: str | Path, *, config_path: str | 
         raise ValueError(f"{hf_dir}: weights do not match its config.json (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     return write_start_checkpoint(model, cfg, run_dir, source=str(hf_dir), log=log)
-
-
-def write_start_checkpoint(model, cfg, run_dir: str | Path, *, source: str, log=print) -> Path:
-    """Write ``model`` (a ``TitansLM`` matching ``cfg.model``) as ``run_dir/checkpoints/step_00000000``
-    with a fresh optimizer, schedule and data position, and ``run_dir/config.yaml``: a checkpoint
-    ``train`` resumes from like any native one. ``source`` is recorded as ``imported_from``."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from titans_pretrain.config import ConfigError, resolve_layout, save_config
-    from titans_pretrain.train import checkpoint as ckpt
-    from titans_pretrain.train.data import ensure_dataset, make_loader
-    from titans_pretrain.train.optim import build_optimizer, build_scheduler
-
-    run_dir = Path(run_dir)
-    if cfg.parallel.engine != "native":
-        raise ConfigError("the reverse conversion writes a native-engine checkpoint; set parallel.engine=native "
-                          "(DeepSpeed resumes only its own ZeRO files)")
-    root = run_dir / "checkpoints"
-    if ckpt.list_checkpoints(root):
-        raise FileExistsError(f"{root} already holds checkpoints; `train` would resume from the newest of "
-                              "them, not from this import: choose a new run_dir")
-
-    manifest = ensure_dataset(cfg, log=log)
-    # the stream's position is layout-free: the global batch alone fixes it (any dp size resumes it)
-    loader = make_loader(manifest, cfg, "train", 0, 1,
-                         global_batch=cfg.train.global_batch_tokens // cfg.data.seq_len)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    msd, osd = get_state_dict(model, optimizer)
-    try:
-        layout = resolve_layout(cfg, 1).__dict__
-    except ConfigError:  # a multi-process layout: the resuming run resolves its own
-        layout = None
-    extra = {"rank": 0, "dp_rank": 0, "dp_size": 1, "loader": loader.state_dict(), "rng": ckpt.rng_state(),
-             "scheduler": scheduler.state_dict(), "step": 0, "tokens": 0, "bad_in_a_row": 0, "skipped": 0}
-    meta = {"step": 0, "tokens": 0, "world_size": 1, "dp_size": 1, "engine": "native", "layout": layout,
-            "time": time.time(), "imported_from": source}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    run_id = ckpt.new_run_id()  # the run that `train` continues: its checkpoints carry this id
-    ckpt.write_run_id(run_dir, run_id)
-    manager = ckpt.CheckpointManager(root, cfg.checkpoint, log=log, run_id=run_id)
-
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-
-    manager.save(0, write, extra, meta, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return root / ckpt.step_dir_name(0)

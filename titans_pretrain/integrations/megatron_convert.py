@@ -333,7 +333,7 @@ def megatron_checkpoint_to_run(ckpt_dir: str | Path, run_dir: str | Path, config
     import yaml
 
     from titans_pretrain.config import ConfigError, apply_overrides, config_from_dict
-    from titans_pretrain.hf.import_hf import write_start_checkpoint
+    from titans_pretrain.train.checkpoint import write_start_checkpoint
 
     if any(o.split("=", 1)[0].strip().startswith("model.") for o in overrides):
         raise ConfigError("model.* overrides are not allowed: the model's shape comes from the Megatron checkpoint")

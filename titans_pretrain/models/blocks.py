@@ -19,7 +19,7 @@ from titans_pretrain.models.memory import MemoryLayer, MemoryLayerState
 from titans_pretrain.models.norms import RMSNorm
 
 if TYPE_CHECKING:  # pragma: no cover
-    from titans_pretrain.models.titans import TitansConfig
+    from titans_pretrain.config.model import TitansConfig
 
 __all__ = ["BlockState", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "SwiGLU", "build_block", "mac_output"]
 

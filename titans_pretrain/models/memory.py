@@ -29,7 +29,7 @@ from titans_pretrain.models.memory_ops import MemoryState, init_state, memory_ch
 from titans_pretrain.models.norms import RMSNorm
 
 if TYPE_CHECKING:  # pragma: no cover
-    from titans_pretrain.models.titans import TitansConfig
+    from titans_pretrain.config.model import TitansConfig
 
 __all__ = ["CausalDepthwiseConv", "MemoryLayer", "MemoryLayerState", "MemoryMonitor"]
 

@@ -1,4 +1,4 @@
-"""One profile: build the trainer's engine for a config, time its real `train_step`, profile it.
+"""One profile: the trainer's loop and engine for a config, with the profiler callback.
 
 Batches are random token ids of the configured shape: the profile measures the training step
 (forward, backward, clipping, optimizer, gradient communication), not data loading, and needs no
@@ -7,6 +7,8 @@ breakdown and the trace, so profiler overhead never enters the tokens/s figure.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +26,9 @@ from titans_pretrain.profile.breakdown import STEP_SCOPE, breakdown
 from titans_pretrain.profile.flops_split import flops_split
 from titans_pretrain.profile.memory import PeakMemory
 from titans_pretrain.profile.scopes import install_scopes
+from titans_pretrain.train.callbacks import Callback
 from titans_pretrain.train.engines import build_engine
+from titans_pretrain.train.trainer import Trainer
 
 
 @dataclass
@@ -80,6 +84,81 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return value
 
 
+class Profiler(Callback):
+    """`warmup` untimed steps, `steps` timed ones (the slowest rank's time; peak memory from the
+    first timed step on), then `profile_steps` under torch.profiler for the breakdown and trace."""
+
+    def __init__(self, *, warmup: int, steps: int, profile_steps: int, seq_len: int, world: int,
+                 trace_path: Path | None, log: Callable[[str], None]):
+        self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
+        self.seq_len, self.world, self.trace_path, self.log = seq_len, world, trace_path, log
+        self.losses: list[float] = []
+        self.times: list[float] = []
+        self.parts: dict = {}
+        self.trace: str | None = None
+        self.prof = None
+
+    @property
+    def total(self) -> int:
+        return self.warmup + self.steps + self.profile_steps
+
+    def on_start(self, trainer) -> None:
+        self.memory = PeakMemory(trainer.device)
+
+    @contextlib.contextmanager
+    def step_context(self, trainer):
+        i, device = trainer.progress.step, trainer.device
+        timed_end = self.warmup + self.steps
+        if i < timed_end:
+            if i == self.warmup:
+                _sync(device)
+                self.memory.reset()
+            t0 = time.perf_counter()
+            yield
+            _sync(device)
+            self._dt = time.perf_counter() - t0
+            return
+        if i == timed_end:
+            self.log(f"[profile] T={self.seq_len}: {self.profile_steps} step(s) under torch.profiler")
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            self.prof = profile(activities=activities)
+            self.prof.start()
+        with record_function(STEP_SCOPE):
+            yield
+            _sync(device)
+
+    def after_step(self, trainer, result, batch) -> None:
+        i = trainer.progress.step  # steps done
+        timed_end = self.warmup + self.steps
+        if i <= timed_end:
+            self.losses.append(result.loss)
+            if i > self.warmup:
+                self.times.append(_max_over_ranks(self._dt, trainer.device))  # a step ends when its slowest rank ends
+            phase = "warm-up" if i <= self.warmup else "timed"
+            self.log(f"[profile] T={self.seq_len} {phase} step {i}/{timed_end}: {self._dt * 1e3:.1f} ms, "
+                     f"{trainer.tokens_per_step / self._dt:,.0f} tokens/s, loss {result.loss:.3f}")
+            if i == timed_end:
+                self.peak_memory = self.memory.peak()
+            return
+        if i == self.total:
+            self.prof.stop()
+            self.parts = timed_breakdown(breakdown(self.prof.events(), trainer.device.type), self.profile_steps,
+                                         self.step_time, self.world)
+            if self.trace_path is not None:
+                self.trace_path.parent.mkdir(parents=True, exist_ok=True)
+                self.prof.export_chrome_trace(str(self.trace_path))
+                self.trace = str(self.trace_path)
+            self.prof = None
+
+    @property
+    def step_time(self) -> float:
+        return sum(self.times) / len(self.times)
+
+    def close(self, trainer) -> None:
+        if self.prof is not None:  # an error mid-profile
+            self.prof.stop()
+
+
 def profile_config(cfg: RunConfig, *, steps: int, warmup: int, profile_steps: int,
                    trace_path: Path | None, log: Callable[[str], None] = print) -> ProfileResult:
     """Warm up, time `steps` engine steps, then profile `profile_steps` more (0: no breakdown)."""
@@ -94,54 +173,26 @@ def profile_config(cfg: RunConfig, *, steps: int, warmup: int, profile_steps: in
     with torch.device("meta"):
         skeleton = TitansLM(cfg.model, init=False)
     split = flops_split(skeleton, cfg.model, cfg.data.seq_len)
-    n_params = skeleton.num_params()
     tokens_per_step = layout.global_batch_seqs * cfg.data.seq_len
     batches = random_batches(cfg, layout.micro_batch_size, layout.grad_accum, device,
                              cfg.train.seed + dims.dp_rank)
-    memory = PeakMemory(device)
-    losses, times = [], []
-    total = warmup + steps
-    for i in range(total):
-        if i == warmup:
-            _sync(device)
-            memory.reset()
-        t0 = time.perf_counter()
-        result = engine.train_step(batches)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        losses.append(result.loss)
-        phase = "warm-up" if i < warmup else "timed"
-        if i >= warmup:
-            times.append(_max_over_ranks(dt, device))  # a step ends when its slowest rank ends
-        log(f"[profile] T={cfg.data.seq_len} {phase} step {i + 1}/{total}: {dt * 1e3:.1f} ms, "
-            f"{tokens_per_step / dt:,.0f} tokens/s, loss {result.loss:.3f}")
-    peak_mem, mem_kind = memory.peak()
-    step_time = sum(times) / len(times)
+    profiler = Profiler(warmup=warmup, steps=steps, profile_steps=profile_steps, seq_len=cfg.data.seq_len,
+                        world=world, trace_path=trace_path, log=log)
+    Trainer(engine, itertools.repeat(batches), steps=profiler.total, tokens_per_step=tokens_per_step,
+            callbacks=[profiler], device=device, log=log).fit()
+    peak_mem, mem_kind = profiler.peak_memory
+    step_time = profiler.step_time
     tps = tokens_per_step / step_time
     peak = device_peak_flops(device)
-    parts: dict = {}
-    trace = None
-    if profile_steps:
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        log(f"[profile] T={cfg.data.seq_len}: {profile_steps} step(s) under torch.profiler")
-        with profile(activities=activities) as prof:
-            for _ in range(profile_steps):
-                with record_function(STEP_SCOPE):
-                    engine.train_step(batches)
-                    _sync(device)
-        parts = timed_breakdown(breakdown(prof.events(), device.type), profile_steps, step_time, world)
-        if trace_path is not None:
-            trace_path.parent.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(trace_path))
-            trace = str(trace_path)
     return ProfileResult(
         variant=cfg.model.variant, seq_len=cfg.data.seq_len, layout=asdict(layout),
-        engine=cfg.parallel.engine, device=_device_name(device), world_size=world, n_params=n_params,
-        tokens_per_step=tokens_per_step, warmup_steps=warmup, timed_steps=steps,
-        step_time_s=step_time, step_times_s=times, tokens_per_s=tps,
+        engine=cfg.parallel.engine, device=_device_name(device), world_size=world,
+        n_params=skeleton.num_params(), tokens_per_step=tokens_per_step, warmup_steps=warmup,
+        timed_steps=steps, step_time_s=step_time, step_times_s=profiler.times, tokens_per_s=tps,
         tokens_per_s_per_device=tps / world, flops_per_token=split,
         mfu=mfu(split["total"], tps, world, peak), peak_flops=peak, peak_memory_bytes=peak_mem,
-        peak_memory_kind=mem_kind, breakdown_s=parts, losses=losses, trace=trace)
+        peak_memory_kind=mem_kind, breakdown_s=profiler.parts, losses=profiler.losses,
+        trace=profiler.trace)
 
 
 def timed_breakdown(parts: dict, profile_steps: int, step_time: float, world: int) -> dict:

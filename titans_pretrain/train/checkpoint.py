@@ -30,22 +30,34 @@ import pickle
 import random
 import shutil
 import sys
+import time
 import uuid
 import warnings
 import zlib
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from titans_pretrain.config import CheckpointConfig
+from titans_pretrain.config import (CheckpointConfig, ConfigError, RunConfig, load_config, resolve_layout,
+                                    save_config)
+from titans_pretrain.config.model import LEGACY_DEFAULTS
+from titans_pretrain.models import TitansLM
+from titans_pretrain.train.data import ensure_dataset, make_loader
+from titans_pretrain.train.optim import build_optimizer, build_scheduler
 
 MANIFEST = "MANIFEST.json"
 RUN_FILE = "run.json"  # in the run folder: the run's identity
 STEP_PREFIX = "step_"
+DEEPSPEED_TAG = "ds"  # DeepSpeed's files of a step folder are under this tag
+UNIVERSAL = "universal"  # a DeepSpeed checkpoint's universal form, added offline (tools/checkpoint.py reshard)
 
 
 class ResumeError(RuntimeError):
@@ -105,13 +117,38 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def write_manifest(folder: Path) -> None:
+def _entries(folder: Path, under: Path) -> dict:
+    """Manifest entries (size, CRC32) of the files under `under`, synced to disk first."""
     files = {}
-    for p in sorted(folder.rglob("*")):
+    for p in sorted(under.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "crc32": _crc32(p)}
+    return files
+
+
+def write_manifest(folder: Path) -> None:
+    _write_manifest(folder, _entries(folder, folder))
+
+
+def add_to_manifest(folder: Path, sub: str) -> None:
+    """List the files under `folder/sub`, added to a complete checkpoint, in its manifest too (the
+    other entries are kept as they are: a file that went bad since still fails)."""
+    files = json.loads((folder / MANIFEST).read_text())["files"]
+    _write_manifest(folder, {**files, **_entries(folder, folder / sub)})
+
+
+def listed_in_manifest(folder: Path, sub: str) -> bool:
+    """Whether the manifest lists files under `folder/sub` (a later addition that finished)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return any(rel.startswith(sub + "/") for rel in files)
+
+
+def _write_manifest(folder: Path, files: dict) -> None:
     tmp = folder / (MANIFEST + ".part")
     with open(tmp, "w") as f:
         json.dump({"files": files}, f, indent=1)
@@ -277,6 +314,33 @@ def _load_legacy_extra(path: Path) -> dict:
         return torch.load(path, weights_only=True)
 
 
+# ------------------------------------------------------------------------------------------ saved state
+@dataclass
+class Progress:
+    """The training counters: a checkpoint holds them, resume restores them as they were."""
+
+    step: int = 0
+    tokens: int = 0
+    bad_in_a_row: int = 0  # non-finite steps in a row (their updates were skipped)
+    skipped: int = 0  # non-finite steps in all
+
+    @classmethod
+    def from_extra(cls, extra: dict) -> "Progress":
+        return cls(**{f.name: extra[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Placement:
+    """Where the saving rank sits: a resume compares it with its own to know what it reads."""
+
+    rank: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    world_size: int = 1
+    engine: str = "native"
+    layout: dict | None = None  # the resolved layout; None where the writer had none (an import)
+
+
 # ------------------------------------------------------------------------------------------ manager
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -330,6 +394,21 @@ class CheckpointManager:
         self._pending = {"future": future, "tmp": tmp, "final": final, "step": step}
         if future is None or not self.cfg.async_save:
             self.wait()
+
+    def save_state(self, progress: Progress, *, weights: Callable[[Path], Any], loader_state: dict,
+                   scheduler_state: dict, placement: Placement, config: RunConfig,
+                   imported_from: str | None = None) -> None:
+        """Collective. The one definition of what a checkpoint holds: the components hand their
+        state (the engine its writer of weights and optimizer, the loader its position, the
+        scheduler its state, the trainer its counters), this adds the RNGs, the run config and the
+        record in ``trainer.json``, and saves them atomically (:meth:`save`)."""
+        extra = {"rank": placement.rank, "dp_rank": placement.dp_rank, "dp_size": placement.dp_size,
+                 "loader": loader_state, "rng": rng_state(), "scheduler": scheduler_state,
+                 **asdict(progress)}
+        meta = {"step": progress.step, "tokens": progress.tokens, "world_size": placement.world_size,
+                "dp_size": placement.dp_size, "engine": placement.engine, "layout": placement.layout,
+                "time": time.time(), **({"imported_from": imported_from} if imported_from else {})}
+        self.save(progress.step, weights, extra, meta, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     def _agree_or_raise(self, error: BaseException | None, tmp: Path, step: int) -> None:
         """All ranks learn whether any rank's write failed; if one did, all raise the same error."""
@@ -522,11 +601,6 @@ def checkpoint_config(folder: str | Path):
     """The run config saved in a checkpoint folder. A model key added after the checkpoint was
     written reads as the value the checkpoint was trained with (``LEGACY_DEFAULTS``: MAC's plain
     product output, no ``memory_out_norm`` weights; the bare memory rule, no surprise clip)."""
-    import yaml
-
-    from titans_pretrain.config import load_config
-    from titans_pretrain.models.titans import LEGACY_DEFAULTS
-
     path = Path(folder) / "config.yaml"
     raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     saved = (raw.get("model") or {}) if isinstance(raw, dict) else {}
@@ -537,19 +611,15 @@ def load_checkpoint(path: str | Path):
     """Any checkpoint (native DCP of any layout, or DeepSpeed ZeRO) -> a `TitansLM` in this process.
 
     `path` may be a step folder, a `checkpoints/` folder or a run folder (newest complete one)."""
-    from titans_pretrain.models import TitansLM
-
     folder = resolve_checkpoint_path(path)
     cfg = checkpoint_config(folder)
     model = TitansLM(cfg.model)
     meta = read_meta(folder)
     if meta.get("engine") == "deepspeed":
-        from titans_pretrain.train.engines.deepspeed import load_fp32_model_state
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = load_fp32_model_state(folder)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
     else:
-        import torch.distributed.checkpoint as dcp
-
         state = {"model": model.state_dict()}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
             warnings.simplefilter("ignore", UserWarning)
@@ -558,3 +628,44 @@ def load_checkpoint(path: str | Path):
     model.load_state_dict(state)
     model.eval()
     return model
+
+
+def write_start_checkpoint(model, cfg: RunConfig, run_dir: str | Path, *, source: str,
+                           log: Callable[[str], None] = print) -> Path:
+    """Write ``model`` (a ``TitansLM`` matching ``cfg.model``, weights from elsewhere: a Hugging
+    Face folder, a Megatron checkpoint) as ``run_dir/checkpoints/step_00000000`` with a fresh
+    optimizer, schedule and data position, and ``run_dir/config.yaml``: a checkpoint ``train``
+    resumes from like any native one. ``source`` is recorded as ``imported_from``."""
+    run_dir = Path(run_dir)
+    if cfg.parallel.engine != "native":
+        raise ConfigError("the reverse conversion writes a native-engine checkpoint; set parallel.engine=native "
+                          "(DeepSpeed resumes only its own ZeRO files)")
+    root = run_dir / "checkpoints"
+    if list_checkpoints(root):
+        raise FileExistsError(f"{root} already holds checkpoints; `train` would resume from the newest of "
+                              "them, not from this import: choose a new run_dir")
+    manifest = ensure_dataset(cfg, log=log)
+    # the stream's position is layout-free: the global batch alone fixes it (any dp size resumes it)
+    loader = make_loader(manifest, cfg, "train", 0, 1,
+                         global_batch=cfg.train.global_batch_tokens // cfg.data.seq_len)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    msd, osd = get_state_dict(model, optimizer)
+    try:
+        layout = resolve_layout(cfg, 1).__dict__
+    except ConfigError:  # a multi-process layout: the resuming run resolves its own
+        layout = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    run_id = new_run_id()  # the run that `train` continues: its checkpoints carry this id
+    write_run_id(run_dir, run_id)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+
+    CheckpointManager(root, cfg.checkpoint, log=log, run_id=run_id).save_state(
+        Progress(), weights=write, loader_state=loader.state_dict(), scheduler_state=scheduler.state_dict(),
+        placement=Placement(layout=layout), config=cfg, imported_from=source)
+    return root / step_dir_name(0)

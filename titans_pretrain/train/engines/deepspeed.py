@@ -28,11 +28,12 @@ from titans_pretrain.distributed.parallelize import apply_activation_checkpointi
 from titans_pretrain.distributed.meta_init import replay_start
 from titans_pretrain.distributed.precision import use_bf16
 from titans_pretrain.models import TitansLM
+from titans_pretrain.train.checkpoint import DEEPSPEED_TAG, UNIVERSAL, listed_in_manifest
 from titans_pretrain.train.engines.base import StepResult, mean_over_dp
 from titans_pretrain.train.optim import (build_optimizer, build_scheduler, optimizer_settings,
                                          restore_schedule)
 
-TAG = "ds"
+TAG = DEEPSPEED_TAG
 
 
 def build_partitioned(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> nn.Module:
@@ -170,8 +171,10 @@ class DeepSpeedEngine:
 
     def load(self, folder: Path, dp_size_saved: int | None = None) -> None:
         """Load a checkpoint; one written on another data-parallel size goes through DeepSpeed's
-        universal checkpoint (`ds_to_universal`, run once by rank 0 into a temporary folder beside
-        the checkpoint, removed after loading), which re-partitions weights and optimizer state."""
+        universal checkpoint, which re-partitions weights and optimizer state: the one stored in
+        the checkpoint by `tools/checkpoint.py reshard` when its manifest lists it, else converted
+        now (`ds_to_universal`, by rank 0, into a temporary folder beside the checkpoint, removed
+        after loading)."""
         if dp_size_saved is None:
             meta = folder / "trainer.json"
             dp_size_saved = json.loads(meta.read_text()).get("dp_size") if meta.is_file() else None
@@ -181,36 +184,45 @@ class DeepSpeedEngine:
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {folder}/{TAG}")
             return
-        universal = folder.parent / f".{folder.name}.universal"
         rank = torch.distributed.get_rank()
-        error = torch.zeros(1)
-        if rank == 0:
-            shutil.rmtree(universal, ignore_errors=True)
-            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                   "--input_folder", str(folder / TAG), "--output_folder",
-                                   str(universal / TAG), "--num_extract_workers", "1",
-                                   "--num_merge_workers", "1"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                error += 1
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                message = f"ds_to_universal failed on {folder / TAG}: {tail[0]}"
-        torch.distributed.all_reduce(error)
-        if error.item():
+        if listed_in_manifest(folder, UNIVERSAL):
             if rank == 0:
+                print(f"[checkpoint] {folder.name}: loading its universal form, prepared offline", flush=True)
+            self._load_universal(folder / UNIVERSAL)
+        else:
+            universal = folder.parent / f".{folder.name}.universal"
+            error, message = torch.zeros(1), ""
+            if rank == 0:
+                print(f"[checkpoint] {folder.name}: converting to DeepSpeed's universal form for another "
+                      "data-parallel size (`python tools/checkpoint.py reshard` does it once, offline)", flush=True)
                 shutil.rmtree(universal, ignore_errors=True)
-            raise RuntimeError(message if rank == 0 else f"ds_to_universal failed on {folder / TAG} "
-                               "(rank 0 says why)")
+                try:
+                    convert_to_universal(folder, universal)
+                except RuntimeError as exc:
+                    error += 1
+                    message = str(exc)
+            torch.distributed.all_reduce(error)
+            if error.item():
+                if rank == 0:
+                    shutil.rmtree(universal, ignore_errors=True)
+                raise RuntimeError(message if rank == 0 else f"ds_to_universal failed on {folder / TAG} "
+                                   "(rank 0 says why)")
+            try:
+                self._load_universal(universal)
+            finally:
+                torch.distributed.barrier()
+                if rank == 0:
+                    shutil.rmtree(universal, ignore_errors=True)
+
+    def _load_universal(self, universal: Path) -> None:
         self.engine._config.load_universal_checkpoint = True  # read at load time only
         try:
             path, _ = self.engine.load_checkpoint(str(universal), tag=TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         finally:
             self.engine._config.load_universal_checkpoint = False
-            torch.distributed.barrier()
-            if rank == 0:
-                shutil.rmtree(universal, ignore_errors=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the universal form of {folder}/{TAG}")
+            raise RuntimeError(f"DeepSpeed could not load the universal form in {universal}")
         # ZeRO-3's universal load gives every sub-group's state one shared `step` tensor; AdamW
         # increments it in place once per sub-group, so the bias correction would run ahead.
         for state in self.scheduler.optimizer.state.values():
@@ -224,8 +236,14 @@ class DeepSpeedEngine:
         restore_schedule(self.scheduler, state, self._settings)
 
 
-def load_fp32_model_state(folder: Path) -> dict:
-    """Consolidated fp32 weights of a DeepSpeed checkpoint folder, in one process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
+def convert_to_universal(folder: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint of the step folder `folder`, written to `out` (its
+    `ds_to_universal`, in a child process): weights and optimizer state per parameter, which any
+    data-parallel size loads."""
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", str(folder / TAG), "--output_folder", str(out / TAG),
+                           "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"ds_to_universal failed on {folder / TAG}: {tail[0]}")

@@ -9,9 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import ROOT, env, metrics, train_cmd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from run_helpers import ROOT, env, metrics, train_cmd  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from titans_pretrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset(None, out, vocab_size=512, seq_len=32, default_corpus_bytes=1 << 20,
+                    val_fraction=0.1, progress=False)
+    return out
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -64,10 +75,10 @@ def test_ranks_die_with_a_sigkilled_launcher(tmp_path, data_dir):
 
 POLLING_PARENT = """
 import os, subprocess, sys, time
-from titans_pretrain.train import launcher_watch
+from titans_pretrain.launch import launcher_watch
 child = '''
 import time
-from titans_pretrain.train import launcher_watch
+from titans_pretrain.launch import launcher_watch
 launcher_watch._set_parent_death_signal = lambda: False   # as on a system without prctl
 launcher_watch.die_with_launcher(interval_s=0.1)
 print('watching', flush=True)

@@ -1,22 +1,21 @@
 """`titans-pretrain train CONFIG [key=value ...] [--nproc N]`.
 
 Three ways to start, one code path: under `torchrun`/`srun` every process runs this with the
-launcher's environment; with `--nproc N` this process becomes a small launcher that starts N local
-ranks (each a fresh `python -m titans_pretrain train ...`), forwards SIGTERM/SIGUSR1/SIGINT to them,
-stops the rest when one fails, and returns their exit code (0, 75 = stopped by a signal after a
-save, 3 = diverged, 130 = interrupted before training started, otherwise an error). The ranks die
-with the launcher if it is killed (`launcher_watch`).
+launcher's environment; with `--nproc N` this process becomes a small launcher (`launch/local.py`)
+that starts N local ranks (each a fresh `python -m titans_pretrain train ...`), forwards
+SIGTERM/SIGUSR1/SIGINT to them, stops the rest when one fails, and returns their exit code (0, 75 =
+stopped by a signal after a save, 3 = diverged, 130 = interrupted before training started, otherwise
+an error). The ranks die with the launcher if it is killed (`launch/launcher_watch.py`). Without
+either, the trainer runs in this process.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import time
 
 from titans_pretrain.config import ConfigError, load_config, resolve_layout
+from titans_pretrain.launch.local import launch_local
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,45 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. train.steps=10 run_dir=runs/x")
     parser.add_argument("--nproc", type=int, default=None,
                         help="start N local processes (omit under torchrun/srun)")
-
-
-def launch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
-    """Run `python -m titans_pretrain train <argv>` as `nproc` ranks on this machine."""
-    from titans_pretrain.distributed.mesh import free_port
-    from titans_pretrain.train.launcher_watch import LAUNCHER_PID_ENV
-
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
-    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks die with this process (launcher_watch)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    procs = []
-    for rank in range(nproc):
-        procs.append(subprocess.Popen([sys.executable, "-m", "titans_pretrain", "train", *argv],
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        failed_at = None
-        while any(p.poll() is None for p in procs):
-            bad = [p for p in procs if p.poll() not in (None, 0)]
-            if bad and failed_at is None:
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
-                for p in procs:  # a rank died and the others are stuck in a collective
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.2)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    codes = [p.returncode for p in procs]
-    nonzero = [c for c in codes if c != 0]
-    return nonzero[0] if nonzero else 0
 
 
 def _split_nproc(args: argparse.Namespace) -> None:
@@ -93,7 +53,7 @@ def _split_nproc(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from titans_pretrain.train import launcher_watch
+    from titans_pretrain.launch import launcher_watch
 
     launcher_watch.die_with_launcher()
     try:

@@ -1,8 +1,9 @@
 """Run configuration: typed dataclasses loaded from YAML with dotted `key=value` overrides.
 
-One source of truth: the `model` section *is* `titans_pretrain.models.TitansConfig`; the other
-sections are defined here. Every error names the offending key and says how to fix it, because a
-typo in a week-long job's config must fail in the first second, not after the first checkpoint.
+One source of truth: the `model` section *is* `TitansConfig` (`config/model.py`; the models import
+it and re-export it as `titans_pretrain.models.TitansConfig`); the other sections are defined here.
+Every error names the offending key and says how to fix it, because a typo in a week-long job's
+config must fail in the first second, not after the first checkpoint.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from titans_pretrain.config.model import TitansConfig
 
 
 class ConfigError(ValueError):
@@ -130,15 +133,9 @@ class LoggingConfig:
 SECTIONS = ("model", "data", "parallel", "train", "optim", "checkpoint", "logging")
 
 
-def model_config_class() -> type:
-    from titans_pretrain.models import TitansConfig
-
-    return TitansConfig
-
-
 @dataclass
 class RunConfig:
-    model: Any
+    model: TitansConfig
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -156,7 +153,7 @@ class RunConfig:
 
 def _section_classes() -> dict[str, type]:
     return {
-        "model": model_config_class(),
+        "model": TitansConfig,
         "data": DataConfig,
         "parallel": ParallelConfig,
         "train": TrainConfig,
