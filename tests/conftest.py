@@ -19,3 +19,15 @@ def offline_hf(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A prepared debug dataset shared by the subprocess training tests (a module that defines its
+    own `data_dir` keeps its own)."""
+    from titans_pretrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset(None, out, vocab_size=512, seq_len=32, default_corpus_bytes=1 << 20,
+                    val_fraction=0.1, progress=False)
+    return out

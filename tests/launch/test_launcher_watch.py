@@ -15,16 +15,6 @@ from run_helpers import ROOT, env, metrics, train_cmd  # noqa: E402
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from titans_pretrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data")
-    prepare_dataset(None, out, vocab_size=512, seq_len=32, default_corpus_bytes=1 << 20,
-                    val_fraction=0.1, progress=False)
-    return out
-
-
 def _stat(pid: int) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
