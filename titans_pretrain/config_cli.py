@@ -14,7 +14,7 @@ import sys
 
 import yaml
 
-from titans_pretrain.config import ConfigError, _section_classes, load_config
+from titans_pretrain.config import SECTION_CLASSES, ConfigError, load_config
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
@@ -45,7 +45,7 @@ def render(cfg) -> str:
     """The resolved config as commented YAML."""
     out = []
     data = cfg.to_dict()
-    for section, cls in _section_classes().items():
+    for section, cls in SECTION_CLASSES.items():
         meanings = field_meanings(cls)
         out.append(f"{section}:")
         for key, value in data[section].items():

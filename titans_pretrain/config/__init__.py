@@ -130,7 +130,16 @@ class LoggingConfig:
     run_name: Optional[str] = None  # name in the loggers; None = the run_dir's name
 
 
-SECTIONS = ("model", "data", "parallel", "train", "optim", "checkpoint", "logging")
+SECTION_CLASSES: dict[str, type] = {
+    "model": TitansConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+SECTIONS = tuple(SECTION_CLASSES)
 
 
 @dataclass
@@ -147,20 +156,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def section_classes(self) -> dict[str, type]:
-        return _section_classes()
-
-
-def _section_classes() -> dict[str, type]:
-    return {
-        "model": TitansConfig,
-        "data": DataConfig,
-        "parallel": ParallelConfig,
-        "train": TrainConfig,
-        "optim": OptimConfig,
-        "checkpoint": CheckpointConfig,
-        "logging": LoggingConfig,
-    }
 
 
 # ----------------------------------------------------------------------------------------- coercion
@@ -287,8 +282,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     unknown = sorted(set(raw) - {*SECTIONS, "run_dir"})
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]}: top-level keys are {[*SECTIONS, 'run_dir']}")
-    classes = _section_classes()
-    kwargs = {name: _build_dataclass(cls, raw.get(name) or {}, name) for name, cls in classes.items()}
+    kwargs = {name: _build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTION_CLASSES.items()}
     cfg = RunConfig(**kwargs, run_dir=_coerce(raw.get("run_dir", "runs/default"), str, "run_dir"))
     validate(cfg)
     return cfg

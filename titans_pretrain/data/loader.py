@@ -85,11 +85,9 @@ def _shard_problem(path: Path | None, shard: ShardInfo) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What fixes the order of batches: `plan(epoch)` and `micro(plan, k)` of the module docstring."""
+class _Batching:
+    """How a global step's samples are cut into micro-batches on each rank (both layouts)."""
 
-    sizes: tuple[int, ...]
-    offsets: tuple[int, ...]
     seed: int
     dp_rank: int
     dp_size: int
@@ -97,12 +95,27 @@ class _Layout:
     global_batch: int
     steps_per_epoch: int
     shuffle: bool
-    shuffle_buffer: int
 
     @property
     def accum(self) -> int:
         """Micro-batches per global step on each rank."""
         return self.global_batch // (self.dp_size * self.batch_size)
+
+    def micro(self, plan: np.ndarray, k: int) -> np.ndarray:
+        """Sample ids of this rank's micro-batch k of the epoch (global step k // accum)."""
+        step, m = divmod(k, self.accum)
+        ids = np.sort(plan[step * self.global_batch:(step + 1) * self.global_batch])
+        lo = self.dp_rank * (self.global_batch // self.dp_size) + m * self.batch_size
+        return ids[lo:lo + self.batch_size]
+
+
+@dataclass(frozen=True)
+class _Layout(_Batching):
+    """What fixes the order of batches: `plan(epoch)` and `micro(plan, k)` of the module docstring."""
+
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shuffle_buffer: int
 
     def plan(self, epoch: int) -> np.ndarray:
         """Global sample ids of `epoch`, in order (length steps * global_batch); rank-independent."""
@@ -119,20 +132,9 @@ class _Layout:
                 plan[start:start + self.shuffle_buffer] = window[rng.permutation(len(window))]
         return plan
 
-    def micro(self, plan: np.ndarray, k: int) -> np.ndarray:
-        return _micro(self, plan, k)
-
-
-def _micro(layout, plan: np.ndarray, k: int) -> np.ndarray:
-    """Sample ids of this rank's micro-batch k of the epoch (global step k // accum)."""
-    step, m = divmod(k, layout.accum)
-    ids = np.sort(plan[step * layout.global_batch:(step + 1) * layout.global_batch])
-    lo = layout.dp_rank * (layout.global_batch // layout.dp_size) + m * layout.batch_size
-    return ids[lo:lo + layout.batch_size]
-
 
 @dataclass(frozen=True)
-class _MixLayout:
+class _MixLayout(_Batching):
     """A mixture (`data.sources`): a mix epoch of `steps_per_epoch * global_batch` positions holds
     exactly `counts[i]` samples of source i (the weights, largest remainder), in an order drawn
     by (seed, epoch); source i's j-th position is the next sample of its own endless stream
@@ -141,17 +143,6 @@ class _MixLayout:
     sources: tuple[_Layout, ...]  # one per source, global_batch 1: every sample, every pass
     bases: tuple[int, ...]  # source i's ids start at bases[i] in the concatenated shard list
     counts: tuple[int, ...]
-    seed: int
-    dp_rank: int
-    dp_size: int
-    batch_size: int
-    global_batch: int
-    steps_per_epoch: int
-    shuffle: bool
-
-    @property
-    def accum(self) -> int:
-        return self.global_batch // (self.dp_size * self.batch_size)
 
     def labels(self, epoch: int) -> np.ndarray:
         """The source of each position of mix epoch `epoch`."""
@@ -169,9 +160,6 @@ class _MixLayout:
                 sel = (k // size) == q
                 out[where[sel]] = base + source.plan(int(q))[k[sel] % size]
         return out
-
-    def micro(self, plan: np.ndarray, k: int) -> np.ndarray:
-        return _micro(self, plan, k)
 
     def step_counts(self, labels: np.ndarray, step: int) -> np.ndarray:
         """Samples of each source in global step `step` of the epoch whose labels are given."""

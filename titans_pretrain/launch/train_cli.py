@@ -14,14 +14,12 @@ import argparse
 import os
 import sys
 
-from titans_pretrain.config import ConfigError, load_config, resolve_layout
+from titans_pretrain.config import SECTIONS, ConfigError, load_config, resolve_layout
 from titans_pretrain.launch.local import launch_local
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from titans_pretrain.config import _section_classes
-
-    sections = ", ".join(f"{name}.*" for name in _section_classes())
+    sections = ", ".join(f"{name}.*" for name in SECTIONS)
     parser.epilog = (f"Overrides set any config key ({sections}, run_dir); `titans-pretrain config "
                      "CONFIG [overrides]` prints them all, resolved, with their meanings.")
     parser.add_argument("config", help="YAML run config (see configs/)")

@@ -99,8 +99,13 @@ class Profiler(Callback):
         self.prof = None
 
     @property
+    def timed_end(self) -> int:
+        """Steps before the profiled ones: warm-up and timed."""
+        return self.warmup + self.steps
+
+    @property
     def total(self) -> int:
-        return self.warmup + self.steps + self.profile_steps
+        return self.timed_end + self.profile_steps
 
     def on_start(self, trainer) -> None:
         self.memory = PeakMemory(trainer.device)
@@ -108,8 +113,7 @@ class Profiler(Callback):
     @contextlib.contextmanager
     def step_context(self, trainer):
         i, device = trainer.progress.step, trainer.device
-        timed_end = self.warmup + self.steps
-        if i < timed_end:
+        if i < self.timed_end:
             if i == self.warmup:
                 _sync(device)
                 self.memory.reset()
@@ -118,7 +122,7 @@ class Profiler(Callback):
             _sync(device)
             self._dt = time.perf_counter() - t0
             return
-        if i == timed_end:
+        if i == self.timed_end:
             self.log(f"[profile] T={self.seq_len}: {self.profile_steps} step(s) under torch.profiler")
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             self.prof = profile(activities=activities)
@@ -129,15 +133,14 @@ class Profiler(Callback):
 
     def after_step(self, trainer, result, batch) -> None:
         i = trainer.progress.step  # steps done
-        timed_end = self.warmup + self.steps
-        if i <= timed_end:
+        if i <= self.timed_end:
             self.losses.append(result.loss)
             if i > self.warmup:
                 self.times.append(_max_over_ranks(self._dt, trainer.device))  # a step ends when its slowest rank ends
             phase = "warm-up" if i <= self.warmup else "timed"
-            self.log(f"[profile] T={self.seq_len} {phase} step {i}/{timed_end}: {self._dt * 1e3:.1f} ms, "
+            self.log(f"[profile] T={self.seq_len} {phase} step {i}/{self.timed_end}: {self._dt * 1e3:.1f} ms, "
                      f"{trainer.tokens_per_step / self._dt:,.0f} tokens/s, loss {result.loss:.3f}")
-            if i == timed_end:
+            if i == self.timed_end:
                 self.peak_memory = self.memory.peak()
             return
         if i == self.total:

@@ -172,9 +172,8 @@ class Checkpointing(Callback):
         if mine is not None and meta["world_size"] == self.world:
             ckpt.set_rng_state(mine["rng"])
         trainer.engine.load_scheduler_state(self.extras[0]["scheduler"])
-        progress = ckpt.Progress.from_extra(self.extras[0])
-        trainer.progress.__dict__.update(progress.__dict__)
-        self.log(f"[checkpoint] resumed from {folder} at step {progress.step} ({progress.tokens:,} tokens)")
+        trainer.progress = p = ckpt.Progress.from_extra(self.extras[0])
+        self.log(f"[checkpoint] resumed from {folder} at step {p.step} ({p.tokens:,} tokens)")
 
     def _place_loader(self, loader, meta: dict, quiet: bool = False) -> dict | None:
         """Put `loader` where the checkpoint's stream stands and return this rank's extra state
